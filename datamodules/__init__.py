@@ -1,0 +1,6 @@
+"""Lightning data modules of pqv-lightning (installed as ``pqv_lightning.datamodules``)."""
+
+from pqv_lightning.datamodules.digits import DigitsDataModule
+from pqv_lightning.datamodules.hf import HFImageDataModule
+
+__all__ = ["DigitsDataModule", "HFImageDataModule"]

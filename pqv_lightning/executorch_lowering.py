@@ -1,0 +1,337 @@
+"""ExecuTorch ``.pte`` export of timm ViTs with every compute node inside the XNNPACK delegate.
+
+Why nodes stay outside when a timm ViT is lowered as it comes (executorch 1.5.x partitioner configs in
+``executorch/backends/xnnpack/partition/config``):
+
+* ``F.scaled_dot_product_attention`` has no XNNPACK config; ExecuTorch decomposes it and the masking part
+  (``where``/``any``/``logical_not``/``full_like``/``eq``/``mul.Scalar``) has no config either.
+  Fix: timm's eager attention, written with 3-D ``bmm`` (see below).
+* ``native_layer_norm``: XNNPACK has no layer-norm config. Fix: :class:`_DelegableLayerNorm` computes the
+  same function from ``mean.dim``, ``sub``, ``pow`` (square), ``mul``, ``add``, ``rsqrt`` (all delegated).
+  ``mean.dim`` is only delegated on a 4-D tensor reduced over dims (2, 3) with ``keepdim=True`` (it is
+  lowered to global average pooling), so the tokens are viewed as ``[M, 1, C, 1]``.
+* ``expand_copy``: ``q @ k.transpose(-2, -1)`` on 4-D tensors decomposes into ``expand`` + ``view`` + ``bmm``;
+  there is no expand config. The attention is rewritten with 3-D ``bmm``; the remaining no-op expands (the
+  class token at batch 1) are removed by ExecuTorch's own ``RemoveNoopExpandCopyPass``.
+* ``squeeze_copy`` (from ``qkv.unbind(0)``) and ``select_copy`` (``x[:, 0]`` in the head): no configs, and
+  ``unsqueeze_copy`` is only delegated on the trailing dim. The attention slices q/k/v from the last dim
+  instead of unbinding, and :class:`_StaticReshapePass` turns every squeeze/unsqueeze into ``view_copy`` and
+  every select into ``slice_copy`` + ``view_copy`` (valid because exported shapes are static).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.backends.xnnpack.utils.configs import (
+    get_transform_passes,
+    get_xnnpack_edge_compile_config,
+    get_xnnpack_executorch_backend_config,
+)
+from executorch.exir import to_edge_transform_and_lower
+from executorch.exir.dialects._ops import ops as exir_ops
+from executorch.exir.lowered_backend_module import LoweredBackendModule
+from executorch.exir.pass_base import ExportPass, PassResult
+from timm.layers import Attention
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.models.deit import VisionTransformerDistilled
+from torch import Tensor, nn
+
+PRECISIONS = ("fp32", "int8", "int8_dynamic", "int4")
+
+_NON_COMPUTE = {"getitem", "executorch_call_delegate"}
+
+
+@dataclass
+class PteResult:
+    """A lowered ExecuTorch program and what the XNNPACK partitioner left outside it.
+
+    ``delegated_nodes`` counts the ``call_function`` nodes (``getitem`` excluded) of the graphs handed to
+    XNNPACK, summed over all delegates; ``num_delegates`` is how many delegate calls the program makes.
+    ``outside_ops`` maps each compute operator left in the top-level graph (run by portable kernels) to its
+    count; empty means fully delegated.
+    """
+
+    buffer: bytes
+    delegated_nodes: int
+    outside_ops: dict[str, int]
+    num_delegates: int = 0
+    precision: str = "fp32"
+    prepared: bool = True
+    outside_detail: list[str] = field(default_factory=list)
+
+
+class _DelegableLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dim written with ops the XNNPACK partitioner delegates."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        shape = x.shape
+        x4 = x.reshape(-1, 1, shape[-1], 1)
+        centered = x4 - x4.mean(dim=(2, 3), keepdim=True)
+        var = centered.pow(2).mean(dim=(2, 3), keepdim=True)
+        y = (centered * torch.rsqrt(var + self.eps)).reshape(shape)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class _DelegableAttention(Attention):
+    """timm ``Attention`` (eager path, same stored ``scale``) without unbind and without 4-D matmul.
+
+    q/k/v are sliced from the last dim of the ``qkv`` output and the two products are 3-D ``bmm`` over
+    ``[B * heads, N, head_dim]``, so the exported graph has no ``expand``/``squeeze``/``select`` copies.
+    Masks fall back to timm's own forward.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        b, n, _ = x.shape
+        h, d, a = self.num_heads, self.head_dim, self.attn_dim
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(b, n, h, d).permute(0, 2, 1, 3)
+
+        q = self.q_norm(heads(qkv[..., :a])) * self.scale
+        k = self.k_norm(heads(qkv[..., a : 2 * a]))
+        v = heads(qkv[..., 2 * a :])
+        attn = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = torch.bmm(attn, v.reshape(b * h, n, d))
+        out = out.reshape(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, a)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+
+class _DelegableDistilledViT(VisionTransformerDistilled):
+    """DeiT-distilled head averaging with a float factor: timm's ``/ 2`` lowers to an int64 constant cast
+    to float (``_to_dim_order_copy`` with a dtype change), which XNNPACK does not take."""
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.distilled_training and self.training:
+            return super().forward_head(x, pre_logits)
+        x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+        if not pre_logits:
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+        return (x + x_dist) * 0.5
+
+
+def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of ``model`` computing the same function with an XNNPACK-delegable graph.
+
+    Swaps the class (not the parameters, so ``state_dict`` keys are unchanged) of every ``nn.LayerNorm`` and
+    every timm ``Attention``, and turns off the fused SDPA path of any other module that has one.
+    Pruned attention (``num_heads * head_dim != dim``) is supported: the stored ``attn_dim`` and ``scale``
+    are used.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    prepared = copy.deepcopy(model).eval()
+    for module in prepared.modules():
+        if type(module) is Attention:
+            module.__class__ = _DelegableAttention
+        elif type(module) in (nn.LayerNorm, TimmLayerNorm):
+            module.__class__ = _DelegableLayerNorm
+        elif type(module) is VisionTransformerDistilled:
+            module.__class__ = _DelegableDistilledViT
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return prepared
+
+
+class _StaticReshapePass(ExportPass):
+    """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, expand as cat.
+
+    XNNPACK delegates ``view_copy``, ``slice_copy`` and ``cat`` but has no squeeze/select/expand config (and
+    unsqueeze only on the trailing dim); with static shapes each of these is a reshape of a (sliced) tensor,
+    and a broadcast of a size-1 dim is a concatenation of copies. Runs after ``RemoveNoopExpandCopyPass``.
+    """
+
+    _SQUEEZES = (
+        exir_ops.edge.aten.squeeze_copy.dims,
+        exir_ops.edge.aten.squeeze_copy.dim,
+        exir_ops.edge.aten.squeeze_copy.default,
+        exir_ops.edge.aten.unsqueeze_copy.default,
+    )
+
+    @staticmethod
+    def _expand_as_cat(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
+        """A broadcasting expand (e.g. the class token to batch > 1) as ``cat`` of copies per expanded dim."""
+        src = node.args[0]
+        in_shape = [int(s) for s in src.meta["val"].shape]
+        out_shape = [int(s) for s in node.meta["val"].shape]
+        if len(in_shape) != len(out_shape):
+            return None
+        current = src
+        for dim, (before, after) in enumerate(zip(in_shape, out_shape, strict=True)):
+            if before == after:
+                continue
+            # distinct view nodes: the partitioner counts distinct input nodes and wants at least two
+            copies = []
+            for _ in range(after):
+                with graph.inserting_before(node):
+                    copy_node = graph.call_function(
+                        exir_ops.edge.aten.view_copy.default, (current, list(current.meta["val"].shape))
+                    )
+                copy_node.meta = dict(current.meta)
+                copies.append(copy_node)
+            with graph.inserting_before(node):
+                current = graph.call_function(exir_ops.edge.aten.cat.default, (copies, dim))
+            current.meta = dict(node.meta)
+            current.meta["val"] = torch.cat([c.meta["val"] for c in copies], dim)
+        return None if current is src else current
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+                continue
+            out_shape = [int(s) for s in node.meta["val"].shape]
+            if node.target in self._SQUEEZES:
+                src = node.args[0]
+            elif node.target == exir_ops.edge.aten.select_copy.int:
+                src_in, dim, index = node.args
+                size = int(src_in.meta["val"].shape[dim])
+                dim = dim % src_in.meta["val"].dim()
+                index = index % size
+                with graph.inserting_before(node):
+                    src = graph.call_function(exir_ops.edge.aten.slice_copy.Tensor, (src_in, dim, index, index + 1, 1))
+                src.meta = dict(node.meta)
+                src.meta["val"] = src_in.meta["val"].narrow(dim, index, 1)
+            elif node.target == exir_ops.edge.aten.expand_copy.default:
+                src = self._expand_as_cat(graph, node)
+                if src is None:
+                    continue
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                changed = True
+                continue
+            else:
+                continue
+            with graph.inserting_before(node):
+                view = graph.call_function(exir_ops.edge.aten.view_copy.default, (src, out_shape))
+            view.meta = dict(node.meta)
+            node.replace_all_uses_with(view)
+            graph.erase_node(node)
+            changed = True
+        if not changed:
+            return PassResult(graph_module, False)
+        graph.eliminate_dead_code()
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(super().call(graph_module).graph_module, True)
+
+
+def _op_name(target: object) -> str:
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_op") or "EdgeOpOverload" in type(target).__name__:
+        schema_name = getattr(target, "_schema", None)
+        if schema_name is not None:
+            overload = schema_name.overload_name or "default"
+            return f"{schema_name.name.split('::')[-1]}.{overload}"
+    return name
+
+
+def _count_lowered(graph_module: torch.fx.GraphModule) -> tuple[int, int, dict[str, int]]:
+    delegated = 0
+    delegates = 0
+    for _, sub in graph_module.named_modules():
+        if isinstance(sub, LoweredBackendModule):
+            delegates += 1
+            delegated += sum(
+                1
+                for n in sub.original_module.graph.nodes
+                if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
+            )
+    outside = collections.Counter(
+        _op_name(n.target)
+        for n in graph_module.graph.nodes
+        if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
+    )
+    return delegated, delegates, dict(sorted(outside.items()))
+
+
+def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: Iterable[Tensor] | None):
+    from pqv_lightning.quantization import quantize, quantize_pt2e
+
+    if precision == "int8":
+        return quantize_pt2e(model, "xnnpack", example, calibration)
+    if precision == "int8_dynamic":
+        return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True)
+    return quantize(model, "int4_weight:xnnpack", example).module
+
+
+def export_pte(
+    model: nn.Module,
+    example_input: Tensor,
+    precision: str = "fp32",
+    calibration: Iterable[Tensor] | None = None,
+    prepare: bool = True,
+) -> PteResult:
+    """Export ``model`` to an ExecuTorch program lowered to XNNPACK.
+
+    precision: ``"fp32"``; ``"int8"`` (static, per-channel weights, activations calibrated on
+    ``calibration``, via :func:`pqv_lightning.quantization.quantize_pt2e`); ``"int8_dynamic"`` (PT2E
+    ``XNNPACKQuantizer`` dynamic per-channel); ``"int4"`` (torchao int4 weights in groups of 32 with int8
+    dynamic activations, on ``nn.Linear`` layers). ``prepare=False`` lowers the model as it comes (for
+    comparison); otherwise :func:`prepare_for_xnnpack` and the static-reshape rewrite are applied.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a Tensor, got {type(example_input).__name__}")
+    if precision == "int8" and calibration is None:
+        raise ValueError("precision 'int8' (static) needs calibration batches; got calibration=None")
+    work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
+    with torch.no_grad():
+        if precision != "fp32":
+            work = _quantize(work, precision, example_input, calibration)
+        exported = torch.export.export(work, (example_input,), strict=False)
+    passes = get_transform_passes([_StaticReshapePass()]) if prepare else None
+    edge = to_edge_transform_and_lower(
+        exported,
+        transform_passes=passes,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=get_xnnpack_edge_compile_config(),
+    )
+    delegated, delegates, outside = _count_lowered(edge.exported_program().graph_module)
+    program = edge.to_executorch(get_xnnpack_executorch_backend_config())
+    return PteResult(
+        buffer=program.buffer,
+        delegated_nodes=delegated,
+        outside_ops=outside,
+        num_delegates=delegates,
+        precision=precision,
+        prepared=prepare,
+    )
+
+
+def run_pte(program: bytes | str | os.PathLike, inputs: Tensor) -> Tensor:
+    """Run the ``forward`` method of an ExecuTorch program (bytes or a ``.pte`` path) on ``inputs``."""
+    from executorch.runtime import Runtime
+
+    if isinstance(program, (str, os.PathLike)):
+        with open(program, "rb") as f:
+            program = f.read()
+    if not isinstance(program, (bytes, bytearray)):
+        raise TypeError(f"program must be bytes or a path, got {type(program).__name__}")
+    loaded = Runtime.get().load_program(bytes(program))  # must outlive the method: it owns the data
+    method = loaded.load_method("forward")
+    return method.execute([inputs.contiguous()])[0]

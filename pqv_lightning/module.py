@@ -1,0 +1,189 @@
+"""``ViTClassifier``: a LightningModule around a timm vision transformer chosen by name.
+
+The wrapped timm model is the attribute :attr:`ViTClassifier.model`. That attribute is the whole contract the
+pqv-lightning callbacks rely on: a LightningModule of your own works with them as long as it keeps its timm
+model in ``self.model``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.optim import param_groups_weight_decay
+from torchmetrics.classification import MulticlassAccuracy
+
+from pqv_lightning.checkpoint import restore_pruned_structure
+from pqv_lightning.models import create_timm_model
+
+__all__ = ["ViTClassifier", "warmup_cosine"]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_factor`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ViTClassifier(pl.LightningModule):
+    """Image classification with a timm model, trained the Lightning way.
+
+    Args:
+        model_name: timm architecture, e.g. ``"deit_small_patch16_224"`` (unknown names fail with suggestions).
+        num_classes: number of classes; must match the data module's.
+        pretrained: load timm's released weights for ``model_name`` (a download, cached by timm).
+        checkpoint_path: load weights from a local file through timm's pretrained-file mechanism instead.
+        model_kwargs: timm keyword arguments: ``img_size``, ``patch_size``, ``in_chans``, ``depth``,
+            ``embed_dim``, ``num_heads``, ``drop_path_rate``, ...
+        lr: peak learning rate of the default AdamW.
+        weight_decay: AdamW weight decay (not applied to biases, norms and position/class tokens, as in timm).
+        warmup_epochs: linear warm-up length (fractions allowed), then cosine decay to ``min_lr``.
+        min_lr: final learning rate of the cosine schedule.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        optimizer: replaces the default AdamW (LightningCLI: ``--model.optimizer=SGD --model.optimizer.lr=...``).
+        lr_scheduler: replaces the default warm-up + cosine schedule (stepped every epoch).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        min_lr: float = 1e-6,
+        label_smoothing: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        # Callables are not hyperparameters: they would make the checkpoint need unpickling to load.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.model = create_timm_model(
+            model_name,
+            num_classes=num_classes,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            **(model_kwargs or {}),
+        )
+        top_k = min(5, num_classes)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{name}": MulticlassAccuracy(num_classes=num_classes, top_k=k)
+                for stage in ("train", "val", "test")
+                for name, k in (("top1", 1), ("top5", top_k))
+            }
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams.num_classes)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            data_classes = getattr(datamodule, "num_classes", None)
+        except RuntimeError:  # a data module that only knows its classes after its own setup
+            data_classes = None
+        if data_classes is not None and int(data_classes) != self.num_classes:
+            raise ValueError(
+                f"The data has {data_classes} classes but the model has num_classes={self.num_classes}: "
+                "set model.num_classes to the data set's class count."
+            )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"The data has label {int(labels.max())} but the model has num_classes={self.num_classes}: "
+                "set model.num_classes to the data set's class count."
+            )
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        self._check_labels(labels)
+        logits = self(images)
+        loss = self.classification_loss(logits, labels)
+        batch_size = labels.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size, sync_dist=stage != "train")
+        for name in ("top1", "top5"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric(logits.detach(), labels)
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "top1", batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probabilities = self(images).softmax(dim=-1)
+        return {"probabilities": probabilities, "prediction": probabilities.argmax(dim=-1)}
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            groups = param_groups_weight_decay(self.model, weight_decay=self.hparams.weight_decay)
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        if self.lr_scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self._default_scheduler(optimizer), "interval": "step"},
+        }
+
+    def _default_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up + cosine per step. Rebuilt mid-run (e.g. after pruning at epoch K) it continues from the
+        current global step instead of warming up again."""
+        trainer = self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        warmup = round(total * self.hparams.warmup_epochs / max_epochs)
+        offset = int(trainer.global_step)
+        min_factor = min(1.0, self.hparams.min_lr / self.hparams.lr)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step + offset, warmup, total, min_factor)
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the state dict is loaded (load_from_checkpoint and trainer.fit(ckpt_path=...)):
+        # rebuild a pruned architecture from the structure stored as data in the checkpoint.
+        restore_pruned_structure(self.model, checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> ViTClassifier:
+        """``load_from_checkpoint`` with ``weights_only=True`` and on CPU: nothing in the file is unpickled."""
+        return cls.load_from_checkpoint(os.fspath(path), map_location="cpu", weights_only=True, **kwargs)

@@ -1,0 +1,17 @@
+"""Structured pruning engine (plain PyTorch + torch-pruning): prune, record, replay."""
+
+from .engine import apply_structure, check_supported, count_macs_params, prune
+from .families import FAMILIES
+from .spec import IMPORTANCES, PruningResult, PruningSpec, UnsupportedModelError
+
+__all__ = [
+    "FAMILIES",
+    "IMPORTANCES",
+    "PruningResult",
+    "PruningSpec",
+    "UnsupportedModelError",
+    "apply_structure",
+    "check_supported",
+    "count_macs_params",
+    "prune",
+]

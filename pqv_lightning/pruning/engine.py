@@ -1,0 +1,300 @@
+"""Structured pruning of timm vision transformers with torch-pruning's DepGraph (no Lightning here)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from . import structure as st
+from .families import Family, family_by_name, family_of, unit_inputs
+from .spec import PruningResult, PruningSpec
+
+_SEARCH_STEPS = 14
+
+
+def check_supported(model: nn.Module, spec: PruningSpec | None = None) -> Family:
+    """Raise UnsupportedModelError naming what cannot be pruned correctly; returns the model's family."""
+    family = family_of(model)
+    family.check(model, spec)
+    if spec is not None:
+        _resolve_ignored(model, spec)
+        if spec.ratio is not None:
+            family.check_ratio(model, spec, spec.ratio)
+    return family
+
+
+def _resolve_ignored(model: nn.Module, spec: PruningSpec) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    unknown = [n for n in spec.ignored_layers if n not in modules]
+    if unknown:
+        raise ValueError(
+            f"ignored_layers {unknown} are not modules of the model; accepted: module names "
+            f"such as {list(modules)[1:6]}"
+        )
+    return [modules[n] for n in spec.ignored_layers]
+
+
+def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    finally:
+        model.train(was_training)
+    return int(macs), int(params)
+
+
+def _clear_caches(model: nn.Module) -> None:
+    """Drop eval-mode caches (EfficientViT-M attention biases) that would keep autograd graphs alive."""
+    for m in model.modules():
+        cache = getattr(m, "attention_bias_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
+def _accumulate(
+    model: nn.Module,
+    spec: PruningSpec,
+    calibration: Iterable,
+    loss_fn: Callable,
+    grad_reduce: Callable | None,
+    device: torch.device,
+) -> None:
+    """Gradients (Taylor) or mean squared per-sample gradients (Hessian/OBD) in `p.grad`, rank-reduced."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    sq: dict[nn.Parameter, torch.Tensor] = {}
+    count = 0
+    n_batches = 0
+    try:
+        model.eval()  # no dropout, no BatchNorm statistic updates: calibration must not change weights
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            for x, y in itertools.islice(calibration, spec.calibration_batches):
+                x, y = x.to(device), y.to(device)
+                _clear_caches(model)
+                out = model(x)
+                if spec.hessian:
+                    for i in range(len(x)):
+                        model.zero_grad(set_to_none=True)
+                        loss_fn(out[i : i + 1], y[i : i + 1]).backward(retain_graph=i < len(x) - 1)
+                        for p in params:
+                            if p.grad is not None:
+                                g2 = p.grad.detach().pow(2)
+                                sq[p] = sq[p] + g2 if p in sq else g2
+                        count += 1
+                else:
+                    loss_fn(out, y).backward()
+                n_batches += 1
+        if n_batches == 0:
+            raise ValueError("calibration yielded no batches; accepted: an iterable of (inputs, targets).")
+        if spec.hessian:
+            for p in params:
+                p.grad = sq[p] / count if p in sq else None
+        if grad_reduce is not None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = grad_reduce(p.grad)
+    finally:
+        _clear_caches(model)
+        model.train(was_training)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _prune_at(
+    model: nn.Module,
+    family: Family,
+    spec: PruningSpec,
+    ratio: float,
+    example_inputs: torch.Tensor,
+    ignored: list[nn.Module],
+) -> dict:
+    """Prune `model` in place at `ratio`; return the structure (plain data)."""
+    family.check_ratio(model, spec, ratio)
+    shapes_before = st.shapes_of(model)
+    units = family.units(model, spec, ignored + family.heads(model))
+    inputs = unit_inputs(model, units, example_inputs)
+    recorder = st.Recorder(model)
+    head_ratio = ratio if spec.head_ratio is None else spec.head_ratio
+    importance = spec.make_importance()
+    if ratio > 0:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            for unit, x in zip(units, inputs):
+                was_training = unit.module.training
+                unit.module.eval()
+                pruner = tp.pruner.MetaPruner(
+                    unit.module,
+                    x,
+                    importance=importance,
+                    global_pruning=spec.global_pruning,
+                    pruning_ratio=ratio,
+                    ignored_layers=unit.ignored,
+                    round_to=spec.round_to,
+                    num_heads=unit.num_heads,
+                    prune_num_heads=spec.prune_heads,
+                    prune_head_dims=not spec.prune_heads,
+                    head_pruning_ratio=head_ratio if spec.prune_heads else 0.0,
+                )
+                recorder.prefix = unit.prefix
+                for group in pruner.step(interactive=True):
+                    recorder.prune_group(group)
+                unit.module.train(was_training)
+    extra = family.capture(model, units)
+    family.finalize(model, extra)
+    st.drop_grads(model)
+    return {
+        "format": st.FORMAT,
+        "version": st.VERSION,
+        "family": family.name,
+        "model_class": type(model).__name__,
+        "ratio": float(ratio),
+        "spec": spec.to_dict(),
+        "shapes_before": shapes_before,
+        "shapes_after": st.shapes_of(model),
+        "ops": recorder.ops,
+        "extra": extra,
+    }
+
+
+def apply_structure(model: nn.Module, structure: dict) -> None:
+    """Rebuild a recorded pruned structure in place on a dense model of the same config (no tracing).
+
+    Applied to the same dense weights it reproduces `prune`'s model exactly (architecture and weights).
+    """
+    family = family_of(model)
+    st.check_header(structure, family.name)
+    family_by_name(structure["family"])
+    st.check_shapes(model, structure["shapes_before"], "before pruning")
+    st.replay_ops(model, structure["ops"])
+    family.finalize(model, structure.get("extra", {}))
+    st.check_shapes(model, structure["shapes_after"], "after pruning")
+
+
+def _layer_widths(before: dict[str, int | None], model: nn.Module) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, m in model.named_modules():
+        w0, w1 = before.get(name), st.out_width(m)
+        if w0 is not None and w1 is not None and w0 != w1:
+            out[name] = (w0, w1)
+    return out
+
+
+def prune(
+    model: nn.Module,
+    spec: PruningSpec,
+    example_inputs: torch.Tensor,
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss_fn: Callable = F.cross_entropy,
+    grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> PruningResult:
+    """Prune `model` in place by `spec`; the result's `structure` replays it with `apply_structure`.
+
+    Taylor / Hessian read `spec.calibration_batches` (x, y) batches from `calibration` (model in eval
+    mode, so weights and BatchNorm statistics are untouched); `grad_reduce` is applied to every
+    accumulated statistic before ranking (e.g. an all-reduce mean under DDP) so all ranks agree.
+    A budget (`target_macs` / `target_params`) is met by bisection on the ratio, on copies of the model.
+    """
+    if not isinstance(spec, PruningSpec):
+        raise TypeError(f"spec must be a PruningSpec, got {type(spec).__name__}")
+    family = check_supported(model, spec)
+    ignored = _resolve_ignored(model, spec)
+    if spec.data_driven and calibration is None:
+        raise ValueError(
+            f"importance={spec.to_dict()['importance']!r} needs calibration batches; pass "
+            "calibration=an iterable of (inputs, targets), or use importance 'l1', 'l2' or 'random'."
+        )
+    device = next(model.parameters()).device
+    macs_before, params_before = count_macs_params(model, example_inputs)
+    widths_before = {n: st.out_width(m) for n, m in model.named_modules()}
+    if spec.data_driven:
+        _accumulate(model, spec, calibration, loss_fn, grad_reduce, device)
+    try:
+        if spec.ratio is not None:
+            structure = _prune_at(model, family, spec, spec.ratio, example_inputs, ignored)
+        else:
+            structure = _search(model, family, spec, example_inputs, ignored, macs_before, params_before)
+            apply_structure(model, structure)
+    finally:
+        st.drop_grads(model)
+    macs_after, params_after = count_macs_params(model, example_inputs)
+    return PruningResult(
+        structure=structure,
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        layer_widths=_layer_widths(widths_before, model),
+        ratio=structure["ratio"],
+    )
+
+
+def _search(
+    model: nn.Module,
+    family: Family,
+    spec: PruningSpec,
+    example_inputs: torch.Tensor,
+    ignored: list[nn.Module],
+    macs0: int,
+    params0: int,
+) -> dict:
+    """Smallest ratio whose pruned copy meets the budget (importance statistics reused via `.grad`)."""
+    metric, target = ("macs", spec.target_macs) if spec.target_macs is not None else ("params", spec.target_params)
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def trial(r: float) -> tuple[dict, int]:
+        return _trial(model, family, spec, r, example_inputs, [names[id(m)] for m in ignored], metric)
+
+    if (macs0 if metric == "macs" else params0) <= target:
+        return trial(0.0)[0]
+
+    w = family.min_width(model, spec)
+    hi = (w - 1) / w
+    while hi > 0:
+        try:
+            family.check_ratio(model, spec, hi)
+            break
+        except ValueError:
+            hi -= 1 / w
+    best = trial(hi) if hi > 0 else None
+    if best is None or best[1] > target:
+        reached = best[1] if best is not None else (macs0 if metric == "macs" else params0)
+        raise ValueError(
+            f"target_{metric}={target:g} is unreachable: the most this model can be pruned "
+            f"(ratio {max(hi, 0):.4g}) leaves {reached} {metric}; accepted: a budget >= {reached}."
+        )
+    lo = 0.0
+    for _ in range(_SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        candidate = trial(mid)
+        if candidate[1] <= target:
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return best[0]
+
+
+def _trial(model, family, spec, ratio, example_inputs, ignored_names, metric) -> tuple[dict, int]:
+    clone = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        q.grad = p.grad
+    mods = dict(clone.named_modules())
+    ignored = [mods[n] for n in ignored_names]
+    structure = _prune_at(clone, family, spec, ratio, example_inputs, ignored)
+    if metric == "macs":
+        value = count_macs_params(clone, example_inputs)[0]
+    else:
+        value = sum(p.numel() for p in clone.parameters())
+    return structure, value

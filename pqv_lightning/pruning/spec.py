@@ -1,0 +1,153 @@
+"""What to prune (`PruningSpec`) and what came out (`PruningResult`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch_pruning as tp
+
+IMPORTANCES = ("l1", "l2", "taylor", "hessian", "random")
+DATA_DRIVEN = ("taylor", "hessian")
+
+
+class UnsupportedModelError(ValueError):
+    """The model (or the spec on this model) cannot be pruned into a correct network."""
+
+
+@dataclass(frozen=True)
+class PruningSpec:
+    """Structured-pruning settings; `ratio` is torch-pruning's `pruning_ratio`.
+
+    ratio: fraction of channels removed in each prunable group, in [0, 1). Exactly one of `ratio`,
+        `target_macs`, `target_params` is set (a budget sets `ratio=None`).
+    importance: "l1", "l2", "taylor", "hessian", "random" or a `torch_pruning.importance.Importance`.
+    bottleneck: prune only inside attention / MLP, keep the embedding width.
+    prune_heads: remove whole heads (`head_ratio` of them, default `ratio`); otherwise shrink head dims.
+    ignored_layers: module names whose output channels are left alone (classifier heads always are).
+    round_to: remaining channel counts rounded down to a multiple (torch-pruning semantics).
+    target_macs / target_params: absolute budgets; the ratio is found by bisection.
+    calibration_batches: batches read from the calibration data for "taylor" / "hessian".
+    """
+
+    ratio: float | None = 0.25
+    importance: str | tp.importance.Importance = "l2"
+    global_pruning: bool = False
+    bottleneck: bool = False
+    prune_heads: bool = False
+    ignored_layers: tuple[str, ...] = ()
+    round_to: int | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    calibration_batches: int = 10
+    head_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        budgets = [n for n in ("target_macs", "target_params") if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ValueError(
+                f"Give one budget, not both: target_macs={self.target_macs}, target_params={self.target_params}."
+            )
+        if self.ratio is not None and budgets:
+            raise ValueError(
+                f"Give either ratio ({self.ratio}) or a budget ({budgets[0]}), not both; "
+                "set ratio=None to prune to a budget."
+            )
+        if self.ratio is None and not budgets:
+            raise ValueError("ratio=None needs a budget: set target_macs or target_params.")
+        if self.ratio is not None and not (
+            isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and 0 <= self.ratio < 1
+        ):
+            raise ValueError(f"ratio={self.ratio!r} is invalid; accepted: a float in [0, 1).")
+        for name in budgets:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise ValueError(f"{name}={value!r} is invalid; accepted: a positive finite number (absolute count).")
+        if self.head_ratio is not None and not (0 <= self.head_ratio < 1):
+            raise ValueError(f"head_ratio={self.head_ratio!r} is invalid; accepted: None or a float in [0, 1).")
+        if isinstance(self.importance, str):
+            if self.importance not in IMPORTANCES:
+                raise ValueError(
+                    f"importance={self.importance!r} is unknown; accepted: "
+                    f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance."
+                )
+        elif not isinstance(self.importance, tp.importance.Importance):
+            raise ValueError(
+                f"importance={self.importance!r} is invalid; accepted: "
+                f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance."
+            )
+        if isinstance(self.ignored_layers, str) or not all(isinstance(n, str) for n in self.ignored_layers):
+            raise ValueError(f"ignored_layers={self.ignored_layers!r} is invalid; accepted: a tuple of module names.")
+        object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+        if self.round_to is not None and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
+        ):
+            raise ValueError(f"round_to={self.round_to!r} is invalid; accepted: None or a positive int.")
+        if (
+            isinstance(self.calibration_batches, bool)
+            or not isinstance(self.calibration_batches, int)
+            or self.calibration_batches < 1
+        ):
+            raise ValueError(f"calibration_batches={self.calibration_batches!r} is invalid; accepted: a positive int.")
+
+    @property
+    def data_driven(self) -> bool:
+        """True when the importance reads gradients (needs calibration batches)."""
+        imp = self.importance
+        if isinstance(imp, str):
+            return imp in DATA_DRIVEN
+        return isinstance(imp, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance))
+
+    @property
+    def hessian(self) -> bool:
+        imp = self.importance
+        return imp == "hessian" or isinstance(imp, tp.importance.GroupHessianImportance)
+
+    def make_importance(self) -> tp.importance.Importance:
+        """The torch-pruning importance object (the same criteria as torch-pruning's ViT example)."""
+        imp = self.importance
+        if not isinstance(imp, str):
+            return imp
+        return {
+            "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "taylor": tp.importance.GroupTaylorImportance,
+            "hessian": tp.importance.GroupHessianImportance,
+            "random": tp.importance.RandomImportance,
+        }[imp]()
+
+    def to_dict(self) -> dict:
+        """Plain-data view (an importance object is stored by its class name)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "importance" and not isinstance(v, str):
+                v = type(v).__name__
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+
+@dataclass
+class PruningResult:
+    """What `prune` did. `structure` is plain data (JSON and `torch.load(weights_only=True)` safe).
+
+    layer_widths: module name -> (output width before, after) for every layer whose output width changed.
+    """
+
+    structure: dict
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    layer_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    ratio: float | None = None
+
+    @property
+    def params_reduction(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1 - self.macs_after / self.macs_before

@@ -1,0 +1,126 @@
+"""The command line as a user runs it: help, printed config, a short fit, bad input, and 2-process DDP."""
+
+import textwrap
+
+import pytest
+import torch
+
+TINY_MODEL = (
+    '{"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 1, "embed_dim": 32, "num_heads": 2,'
+    ' "global_pool": "avg"}'
+)
+
+
+def _config(tmp_path, extra_callbacks: str = "", devices: int = 1, strategy: str = "auto"):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            seed_everything: 0
+            trainer:
+              accelerator: cpu
+              devices: {devices}
+              strategy: {strategy}
+              max_epochs: 2
+              limit_train_batches: 3
+              limit_val_batches: 2
+              enable_progress_bar: false
+              enable_model_summary: false
+              logger:
+                class_path: lightning.pytorch.loggers.TensorBoardLogger
+                init_args: {{save_dir: {tmp_path / "runs"}, name: test}}
+              callbacks:{extra_callbacks or " []"}
+            model:
+              class_path: pqv_lightning.ViTClassifier
+              init_args:
+                model_name: vit_tiny_patch16_224
+                num_classes: 10
+                model_kwargs: {TINY_MODEL}
+            data:
+              class_path: pqv_lightning.datamodules.DigitsDataModule
+              init_args: {{img_size: 16, in_chans: 1, batch_size: 16}}
+            """
+        )
+    )
+    return path
+
+
+def test_help_documents_every_option(cli, tmp_path):
+    result = cli(["fit", "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--config",
+        "--print_config",
+        "--trainer.max_epochs",
+        "--model",
+        "--data",
+        "--seed_everything",
+    ):
+        assert option in result.stdout, option
+    model_help = cli(["fit", "--model.help", "pqv_lightning.ViTClassifier"], tmp_path)
+    assert model_help.returncode == 0, model_help.stderr
+    for option in ("model_name", "model_kwargs", "checkpoint_path", "label_smoothing", "warmup_epochs"):
+        assert f"--model.{option}" in model_help.stdout or f".{option}" in model_help.stdout, option
+
+
+def test_print_config_of_the_quickstart(cli, tmp_path):
+    from pathlib import Path
+
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    result = cli(["fit", "--config", str(quickstart), "--trainer.max_epochs=3", "--print_config"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "vit_tiny_patch16_224" in result.stdout and "max_epochs: 3" in result.stdout
+
+
+@pytest.mark.slow
+def test_short_fit_writes_checkpoint_and_tensorboard_events(cli, tmp_path):
+    callbacks = "\n                - class_path: lightning.pytorch.callbacks.ModelCheckpoint"
+    result = cli(["fit", "--config", str(_config(tmp_path, callbacks))], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "test" / "version_0"
+    assert list(run.glob("checkpoints/*.ckpt")), list(run.rglob("*"))
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+
+
+def test_unknown_model_name_fails_fast_with_suggestions(cli, tmp_path):
+    config = _config(tmp_path)
+    result = cli(["fit", "--config", str(config), "--model.init_args.model_name=deit_smal_patch16_224"], tmp_path)
+    assert result.returncode != 0
+    assert "Unknown timm model name 'deit_smal_patch16_224'" in result.stderr
+    assert "deit_small_patch16_224" in result.stderr
+
+
+DUMP_WEIGHTS = '''
+import os
+import lightning.pytorch as pl
+import torch
+
+
+class DumpWeights(pl.Callback):
+    """Saves every rank's final weights, to compare ranks after a DDP fit."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        state = {name: tensor.detach().cpu() for name, tensor in pl_module.state_dict().items()}
+        torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_weights(cli, tmp_path):
+    (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
+    callbacks = (
+        f"\n                - class_path: dump_weights.DumpWeights"
+        f"\n                  init_args: {{out_dir: {tmp_path}}}"
+    )
+    config = _config(tmp_path, callbacks, devices=2, strategy="ddp")
+    result = cli(["fit", "--config", str(config)], tmp_path, extra_env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name

@@ -1,0 +1,140 @@
+"""ExecuTorch/XNNPACK lowering: prepared graphs equal eager, are fully delegated, and run in the runtime."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import Attention
+
+from pqv_lightning.executorch_lowering import PteResult, export_pte, prepare_for_xnnpack, run_pte
+
+TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 10}
+
+
+def _vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+
+
+def _deit_distilled() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **TINY).eval()
+
+
+def _pruned_like() -> torch.nn.Module:
+    """Attention with 3 heads of 12 dims (attn_dim 36 != embed_dim 64) keeping the unpruned softmax scale.
+
+    The eager path (which uses the stored scale) is the reference, as after head-dimension pruning.
+    """
+    model = _vit()
+    for block in model.blocks:
+        attn = Attention(64, num_heads=3, attn_head_dim=12, qkv_bias=True)
+        attn.scale = 16**-0.5
+        attn.fused_attn = False
+        block.attn = attn
+    return model.eval()
+
+
+MODELS = {"vit": _vit, "deit_distilled": _deit_distilled, "pruned_like": _pruned_like}
+
+
+def _train_briefly(model: torch.nn.Module, steps: int = 60) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Fit a 10-class synthetic task so logits have real margins; returns the model and held-out inputs."""
+    gen = torch.Generator().manual_seed(1)
+    templates = torch.randn(10, 3, 32, 32, generator=gen)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 10, (n,), generator=gen)
+        return templates[labels] + 0.7 * torch.randn(n, 3, 32, 32, generator=gen), labels
+
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        images, labels = batch(32)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), batch(24)[0]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return _train_briefly(_vit())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prepare_matches_eager_and_leaves_original(name: str) -> None:
+    model = MODELS[name]()
+    x = torch.randn(3, 3, 32, 32)
+    prepared = prepare_for_xnnpack(model)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), atol=1e-5, rtol=1e-5)
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    assert type(model.blocks[0].attn) is Attention
+    assert type(prepared.blocks[0].attn) is not Attention
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp32_pte_fully_delegated_and_matches_eager(name: str) -> None:
+    model = MODELS[name]()
+    x = torch.randn(1, 3, 32, 32)
+    result = export_pte(model, x)
+    assert isinstance(result, PteResult)
+    assert result.outside_ops == {}
+    assert result.num_delegates == 1
+    assert result.delegated_nodes > 50
+    with torch.no_grad():
+        expected = model(x)
+    for sample in (x, torch.randn(1, 3, 32, 32)):
+        with torch.no_grad():
+            expected = model(sample)
+        out = run_pte(result.buffer, sample)
+        assert (out - expected).abs().max().item() < 1e-4
+        assert torch.equal(out.argmax(-1), expected.argmax(-1))
+
+
+def test_as_it_comes_leaves_ops_outside() -> None:
+    result = export_pte(_vit(), torch.randn(1, 3, 32, 32), prepare=False)
+    assert result.num_delegates > 1
+    for op in ("native_layer_norm.default", "expand_copy.default", "select_copy.int"):
+        assert result.outside_ops.get(op, 0) > 0, result.outside_ops
+
+
+def test_batch_two_class_token_expand_is_delegated(tmp_path) -> None:
+    model = _deit_distilled()
+    x = torch.randn(2, 3, 32, 32)
+    result = export_pte(model, x)
+    assert result.outside_ops == {}
+    path = tmp_path / "model.pte"
+    path.write_bytes(result.buffer)
+    with torch.no_grad():
+        torch.testing.assert_close(run_pte(path, x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "int8_dynamic", "int4"])
+def test_quantized_pte_delegated_and_agrees(trained, precision: str) -> None:
+    model, held_out = trained
+    calibration = [held_out[i : i + 8] for i in range(0, 24, 8)]
+    result = export_pte(model, held_out[:1], precision, calibration=calibration)
+    assert result.outside_ops == {}
+    assert result.num_delegates == 1
+    with torch.no_grad():
+        expected = model(held_out).argmax(-1)
+    got = torch.cat([run_pte(result.buffer, held_out[i : i + 1]) for i in range(len(held_out))]).argmax(-1)
+    assert (got == expected).float().mean().item() >= 0.75
+
+
+def test_bad_arguments_rejected_before_work() -> None:
+    model = _vit()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        export_pte(model, torch.randn(1, 3, 32, 32), precision="int2")
+    with pytest.raises(ValueError, match="calibration"):
+        export_pte(model, torch.randn(1, 3, 32, 32), precision="int8")
+    with pytest.raises(TypeError, match="example_input"):
+        export_pte(model, [1, 2, 3])
+    with pytest.raises(TypeError, match="program"):
+        run_pte(123, torch.randn(1, 3, 32, 32))

@@ -1,0 +1,299 @@
+"""Tests of the quantization engine on a tiny timm ViT trained briefly on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from pqv_lightning import quantization as q
+from pqv_lightning.quantization import (
+    QuantizationTarget,
+    QuantizedModel,
+    evaluate,
+    quantize,
+    quantize_pt2e,
+    supported_targets,
+    top1_agreement,
+)
+
+ENGINES = [e for e in q.LEGACY_ENGINES if e in torch.backends.quantized.supported_engines]
+VARIANTS = [
+    "fp16",
+    *[f"int8_dynamic:{e}" for e in ENGINES],
+    *[f"int8_static:{e}" for e in ENGINES],
+    "int8_pt2e:xnnpack",
+    "int8_pt2e:x86",
+    "int4_weight",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and deterministically) on one thread, also on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(one_thread) -> dict[str, torch.Tensor]:
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = (F.interpolate(images, size=16, mode="bilinear", align_corners=False) - 0.5) / 0.5
+    labels = torch.tensor(data.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1400], order[1400:]
+    return {
+        "x_train": images[train],
+        "y_train": labels[train],
+        "x_test": images[test],
+        "y_test": labels[test],
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_vit(digits) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        depth=2,
+        embed_dim=64,
+        num_heads=4,
+        num_classes=10,
+    )
+    x, y = digits["x_train"], digits["y_train"]
+    epochs, batch = 8, 64
+    steps = epochs * ((len(y) + batch - 1) // batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=generator)
+        for i in range(0, len(y), batch):
+            idx = perm[i : i + batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def calibration(digits) -> list[torch.Tensor]:
+    return list(digits["x_train"][:256].split(64))
+
+
+@pytest.fixture(scope="module")
+def test_batches(digits) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(digits["x_test"].split(100), digits["y_test"].split(100), strict=True))
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_vit, digits, calibration) -> dict[str, QuantizedModel]:
+    before = copy.deepcopy(trained_vit.state_dict())
+    example = digits["x_train"][:1]
+    models = {spec: quantize(trained_vit, spec, example, calibration) for spec in VARIANTS}
+    after = trained_vit.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    assert not trained_vit.training
+    assert all(isinstance(m, nn.Linear) for m in [trained_vit.head, trained_vit.blocks[0].attn.qkv])
+    return models
+
+
+def test_trained_model_learned(trained_vit, test_batches):
+    assert evaluate(trained_vit, test_batches)["top1"] > 70.0
+
+
+@pytest.mark.parametrize("spec", VARIANTS)
+def test_variant_agrees_with_fp32(spec, quantized, trained_vit, digits):
+    model = quantized[spec]
+    x = digits["x_test"]
+    logits = model.module(x[:7])
+    assert logits.dtype == torch.float32 and logits.shape == (7, 10)
+    agreement = top1_agreement(trained_vit, model.module, x.split(128))
+    assert agreement >= 0.97, f"{spec}: top-1 agreement {agreement:.3f}"
+
+
+def test_variants_are_really_quantized(quantized):
+    from torch.ao.nn.quantized import Linear as StaticLinear
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    for engine in ENGINES:
+        dynamic = quantized[f"int8_dynamic:{engine}"].unwrapped()
+        assert any(isinstance(m, DynamicLinear) for m in dynamic.modules())
+        static = quantized[f"int8_static:{engine}"].unwrapped()
+        assert sum(isinstance(m, StaticLinear) for m in static.modules()) == 9  # 4 per block + head
+        assert quantized[f"int8_static:{engine}"].info["calibration_batches"] == 4
+    fp16 = quantized["fp16"].unwrapped()
+    assert {p.dtype for p in fp16.parameters()} == {torch.float16}
+    int4 = quantized["int4_weight"].module
+    weight = int4.blocks[0].mlp.fc1.weight
+    assert type(weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert int(weight.qdata.min()) >= -8 and int(weight.qdata.max()) <= 7
+    for backend in ("xnnpack", "x86"):
+        graph = quantized[f"int8_pt2e:{backend}"].module
+        assert isinstance(graph, torch.fx.GraphModule)
+        assert "quantize_per_tensor" in graph.code and "dequantize_per_channel" in graph.code
+
+
+def test_engine_is_scoped(quantized, digits):
+    x = digits["x_test"][:16]
+    model = quantized[f"int8_dynamic:{ENGINES[0]}"]
+    with q.quantized_engine(ENGINES[0]):
+        expected = model.unwrapped()(x)
+    other = ENGINES[-1]
+    with q.quantized_engine(other):
+        out = model.module(x)
+        assert torch.backends.quantized.engine == other
+    torch.testing.assert_close(out, expected)
+    assert model.target.engine == ENGINES[0]
+
+
+def test_no_legacy_deprecation_warnings(trained_vit, digits, calibration):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in ("int8_dynamic", "int8_static"):
+            model = quantize(trained_vit, method, digits["x_train"][:2], calibration, calibration_batches=1)
+            model.module(digits["x_test"][:2])
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "deprecated" in m or "reduce_range" in m], messages
+
+
+def test_pt2e_graph_for_executorch(quantized, digits):
+    """The fixture quantized from a batch-1 example: any batch runs, and the graph re-exports at batch 1."""
+    graph = quantized["int8_pt2e:xnnpack"].module
+    assert graph(digits["x_test"][:1]).shape == (1, 10)
+    assert graph(digits["x_test"][:33]).shape == (33, 10)
+    graph.eval()
+    exported = torch.export.export(graph, (digits["x_test"][:1],))
+    torch.testing.assert_close(exported.module()(digits["x_test"][:1]), graph(digits["x_test"][:1]))
+
+
+def test_pt2e_4bit_weights(trained_vit, digits):
+    graph = quantize_pt2e(trained_vit, "xnnpack", digits["x_train"][:4], None, weight_bits=4)
+    constants = [functools.reduce(getattr, n.target.split("."), graph) for n in graph.graph.nodes if n.op == "get_attr"]
+    int_weights = [c for c in constants if isinstance(c, torch.Tensor) and c.dtype == torch.int8 and c.dim() == 2]
+    assert int_weights and all(int(w.min()) >= -8 and int(w.max()) <= 7 for w in int_weights)
+    assert "choose_qparams" in graph.code  # activations quantized dynamically
+    assert top1_agreement(trained_vit, graph, [digits["x_test"]]) >= 0.9
+
+
+def test_accuracy_of_every_variant(trained_vit, quantized, test_batches):
+    """Prints FP32 and per-variant top-1 (`pytest -s`); asserts only that quantization did not break it."""
+    reference = evaluate(trained_vit, test_batches)
+    images = [x for x, _ in test_batches]
+    print("\ntarget                 top1    top5  agree  (digits held-out, 397 images)")
+    print(f"{'fp32':<22} {reference['top1']:6.2f}  {reference['top5']:6.2f}  1.000")
+    for spec, model in quantized.items():
+        metrics = evaluate(model.module, test_batches)
+        agreement = top1_agreement(trained_vit, model.module, images)
+        print(f"{spec:<22} {metrics['top1']:6.2f}  {metrics['top5']:6.2f}  {agreement:.3f}")
+        assert metrics["top1"] >= reference["top1"] - 3.0
+
+
+def test_evaluate_and_agreement_on_known_logits():
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.arange(10.0).repeat(x.shape[0], 1)  # always predicts 9, then 8, 7, 6, 5
+
+    images = torch.zeros(4, 1, 2, 2)
+    metrics = evaluate(Fixed(), [(images, torch.tensor([9, 5, 0, 9]))])
+    assert metrics == {"top1": 50.0, "top5": 75.0}
+    flipped = nn.Sequential(Fixed(), nn.Flatten())
+    assert top1_agreement(Fixed(), flipped, [images]) == 1.0
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(Fixed(), [])
+    with pytest.raises(ValueError, match="no images"):
+        top1_agreement(Fixed(), Fixed(), [])
+
+
+def test_target_parsing():
+    t = QuantizationTarget.parse("int8_dynamic:x86")
+    assert (t.method, t.backend, t.name, t.precision) == ("int8_dynamic", "x86", "int8_dynamic_x86", "int8")
+    assert QuantizationTarget.parse(t.name) == t
+    assert QuantizationTarget.parse("FP16") == QuantizationTarget("fp16", "none")
+    assert QuantizationTarget.parse("fp16").precision == "fp16"
+    assert QuantizationTarget.parse("int4_weight") == QuantizationTarget("int4_weight", "xnnpack")
+    assert QuantizationTarget.parse("int4_weight").precision == "int4"
+    assert QuantizationTarget.parse("int8_pt2e").backend == "xnnpack"
+    assert QuantizationTarget.parse("int8_pt2e_x86") == QuantizationTarget("int8_pt2e", "x86")
+    for spec in supported_targets():
+        assert str(QuantizationTarget.parse(spec)) == spec
+    assert {f"int8_static:{e}" for e in ENGINES} <= set(supported_targets())
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("int2_dynamic:x86", "Unknown quantization method 'int2_dynamic'.*fp16, int8_dynamic"),
+        ("bfloat16", "Unknown quantization target 'bfloat16'"),
+        ("int8_dynamic:tensorrt", "Backend 'tensorrt'.*accepted: x86, fbgemm, qnnpack, onednn"),
+        ("int8_pt2e:qnnpack", "Backend 'qnnpack'.*accepted: xnnpack, x86"),
+        ("fp16:x86", "Backend 'x86'.*accepted: none"),
+    ],
+)
+def test_bad_targets(spec, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizationTarget.parse(spec)
+
+
+def test_engine_missing_from_torch_build(monkeypatch):
+    monkeypatch.setattr(q, "_installed_legacy_engines", lambda: ["qnnpack"])
+    with pytest.raises(ValueError, match=r"engine 'x86' is not supported.*supported: qnnpack"):
+        QuantizationTarget("int8_static", "x86")
+
+
+class _Consumed:
+    """An iterable that records whether anyone started iterating it."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def __iter__(self):
+        self.started = True
+        return iter([])
+
+
+def test_bad_inputs_rejected_before_work(trained_vit, digits):
+    example = digits["x_train"][:2]
+    for method in ("int8_static", "int8_pt2e"):
+        with pytest.raises(ValueError, match="zero batches"):
+            quantize(trained_vit, method, example, [])
+        with pytest.raises(ValueError, match="got None"):
+            quantize(trained_vit, method, example, None)
+        with pytest.raises(ValueError, match="calibration_batches must be >= 1"):
+            quantize(trained_vit, method, example, [example], calibration_batches=0)
+    with pytest.raises(ValueError, match="zero batches"):
+        quantize(trained_vit, "int8_static", example, iter([]))
+    no_linear = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    calib = _Consumed()
+    with pytest.raises(ValueError, match=r"no nn\.Linear"):
+        quantize(no_linear, "int8_static", example, calib)
+    assert not calib.started
+    for spec in ("int8_dynamic", "int4_weight", "int8_pt2e:x86"):
+        with pytest.raises(ValueError, match=r"no nn\.Linear"):
+            quantize(no_linear, spec, example, [example])
+    with pytest.raises(ValueError, match="weight_bits=4 is not supported for PT2E backend 'x86'"):
+        quantize_pt2e(trained_vit, "x86", example, [example], weight_bits=4)
+    with pytest.raises(ValueError, match="Unknown PT2E backend 'qnnpack'"):
+        quantize_pt2e(trained_vit, "qnnpack", example, [example])
+    with pytest.raises(ValueError, match="example_input"):
+        quantize(trained_vit, "int8_dynamic", torch.zeros(2, 1, 16, 16, dtype=torch.long))
+    assert isinstance(quantize(no_linear, "fp16", example).module(example), torch.Tensor)
