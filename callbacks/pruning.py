@@ -31,10 +31,11 @@ class StructuredPruning(Callback):
     the network torch-pruning's own ViT pruning gives for the same ratio and criterion.
 
     When: ``at_epoch=0`` (default) prunes in ``setup``, before Lightning creates the optimizers and wraps DDP,
-    so neither ever sees a dense parameter. ``at_epoch=K`` trains K dense epochs, prunes at the end of epoch K,
-    then rebuilds the optimizers and LR schedulers (the default schedule continues where it was) and re-wraps
-    DDP. Under DDP, gradient statistics (Taylor, Hessian) are averaged over ranks, rank 0 decides, and every
-    rank replays rank 0's structure, so all ranks hold the identical network.
+    so neither ever sees a dense parameter. ``at_epoch=K`` trains K dense epochs and prunes at the end of epoch
+    K (or at the next epoch start of a run resumed past it); every optimizer then holds the pruned parameters in
+    place of the replaced ones (their moments restart), LR schedulers continue unchanged, and DDP is re-wrapped.
+    Under DDP, gradient statistics (Taylor, Hessian) are averaged over ranks, rank 0 decides, and every rank
+    replays rank 0's structure, so all ranks hold the identical network.
 
     The structure is saved in every checkpoint as plain data. Resuming (``trainer.fit(ckpt_path=...)``) or
     ``ViTClassifier.load_from_checkpoint`` rebuilds it before the weights load, without recomputing importance.
@@ -88,6 +89,13 @@ class StructuredPruning(Callback):
         )
         if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
             raise ValueError(f"at_epoch={at_epoch!r} is invalid; accepted: 0 (fit start) or a positive epoch count.")
+        if not isinstance(model_attribute, str) or not model_attribute.isidentifier():
+            raise ValueError(
+                f"model_attribute={model_attribute!r} is invalid; accepted: the name of the LightningModule "
+                "attribute holding the timm model, e.g. 'model'."
+            )
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn={loss_fn!r} is invalid; accepted: a callable loss(logits, labels).")
         self.at_epoch = at_epoch
         self.model_attribute = model_attribute
         self.loss_fn = loss_fn
@@ -125,10 +133,15 @@ class StructuredPruning(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dense_backup = None
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed fit whose checkpoint was written after epoch at_epoch - 1 but before its end hook pruned
+        # (e.g. ModelCheckpoint after validation) starts at epoch >= at_epoch with a dense model: prune now.
+        if self.at_epoch and trainer.current_epoch >= self.at_epoch and current_structure(self._model) is None:
+            self._prune_mid_fit(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_epoch and trainer.current_epoch + 1 == self.at_epoch and current_structure(self._model) is None:
-            self._prune(trainer, pl_module)
-            self._rebuild_training_state(trainer, pl_module)
+            self._prune_mid_fit(trainer, pl_module)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -147,27 +160,46 @@ class StructuredPruning(Callback):
         Lightning restores a checkpoint after ``setup`` and before the optimizers exist, calling only the
         module's ``on_load_checkpoint`` in between; this wraps that hook of this module instance.
         """
-        if getattr(pl_module, "_pqv_restore_wrapped", False):
+        # The module may outlive this callback (a second Trainer, a new callback): the hook always asks the
+        # callback registered last, and wraps the class's own hook only once.
+        object.__setattr__(pl_module, "_pqv_restore_callback", self)
+        if "on_load_checkpoint" in vars(pl_module):
             return
         original = pl_module.on_load_checkpoint
-        callback = self
 
         def on_load_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-            stored = checkpoint.get(STRUCTURE_KEY)
-            model = getattr(module, callback.model_attribute)
-            if stored is not None and current_structure(model) not in (None, stored):
-                if callback._dense_backup is None:
-                    raise ValueError("The checkpoint's pruned structure differs from the model's pruned structure.")
-                # Pruned in setup, then asked to resume another structure: start again from the dense model.
-                model = callback._dense_backup
-                callback._dense_backup = None
-                setattr(module, callback.model_attribute, model)
-                callback._model = model
-            restore_pruned_structure(model, checkpoint)
+            callback = module._pqv_restore_callback
+            callback._restore(module, checkpoint)
             original(checkpoint)
 
-        pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
-        pl_module._pqv_restore_wrapped = True
+        object.__setattr__(pl_module, "on_load_checkpoint", types.MethodType(on_load_checkpoint, pl_module))
+
+    def _restore(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Give the module the checkpoint's architecture (called just before its weights load)."""
+        stored = checkpoint.get(STRUCTURE_KEY)
+        model = getattr(pl_module, self.model_attribute)
+        existing = current_structure(model)
+        if stored is None:
+            if existing is not None and self._dense_backup is not None:
+                raise ValueError(
+                    "The checkpoint to resume holds a dense model, but StructuredPruning(at_epoch=0) pruned the "
+                    "model at fit start. To prune trained dense weights, load them into the module first "
+                    "(e.g. ViTClassifier.load_from_checkpoint) and call fit without ckpt_path, or prune later "
+                    "with at_epoch=K."
+                )
+            return
+        if existing is not None and existing != stored:
+            if self._dense_backup is None:
+                raise ValueError(
+                    "The checkpoint's pruned structure differs from the structure this model was already "
+                    "pruned to: resume into a dense module of the same configuration."
+                )
+            # Pruned in setup, then asked to resume another structure: start again from the dense model.
+            model = self._dense_backup
+            setattr(pl_module, self.model_attribute, model)
+            self._model = model
+        self._dense_backup = None
+        restore_pruned_structure(model, checkpoint)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model
@@ -199,14 +231,38 @@ class StructuredPruning(Callback):
         self.result = result
         self._report(trainer, result)
 
-    def _rebuild_training_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After a mid-fit shape change: fresh DDP wrapper, optimizers and schedulers over the new parameters."""
+    def _prune_mid_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._prune(trainer, pl_module)
+        self._retarget_training_state(trainer, pl_module, names)
+
+    def _retarget_training_state(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names_before: dict[int, str]
+    ) -> None:
+        """After a mid-fit shape change: the optimizers hold the new parameters, DDP wraps the new model.
+
+        Each optimizer keeps its identity, parameter groups and hyperparameters; every parameter pruning
+        replaced is swapped for its successor of the same name in place and loses its optimizer state (moments
+        of the old shape). The LR schedulers are untouched, so any schedule simply continues, and a resumed run
+        (whose optimizers are built over the pruned parameters) restores the very same optimizer and scheduler.
+        """
+        params_now = dict(pl_module.named_parameters())
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for i, old in enumerate(group["params"]):
+                    new = params_now.get(names_before.get(id(old), ""))
+                    if new is None or new is old:
+                        continue
+                    optimizer.state.pop(old, None)
+                    group["params"][i] = new
+        held = {id(p) for optimizer in trainer.optimizers for g in optimizer.param_groups for p in g["params"]}
+        stale = [names_before[i] for i in held - {id(p) for p in params_now.values()} if i in names_before]
+        if stale:
+            raise RuntimeError(f"StructuredPruning: optimizer parameters not found in the pruned model: {stale[:5]}")
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy):
             strategy.model = strategy._setup_model(pl_module)
             strategy._register_ddp_hooks()
-        strategy.setup_optimizers(trainer)
-        strategy.setup_precision_plugin()
 
     def _summary(self) -> dict[str, Any]:
         result = self.result

@@ -41,6 +41,7 @@ from executorch.exir.pass_base import ExportPass, PassResult
 from timm.layers import Attention
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 PRECISIONS = ("fp32", "int8", "int8_dynamic", "int4")
@@ -130,6 +131,20 @@ class _DelegableDistilledViT(VisionTransformerDistilled):
         return (x + x_dist) * 0.5
 
 
+class _DelegableViT(VisionTransformer):
+    """Average pooling over tokens as a 4-D ``mean`` over dims (2, 3), the only ``mean`` XNNPACK delegates
+    (timm's ``x.mean(dim=1)`` on ``[B, N, C]`` stays outside the delegate)."""
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is not None or pool_type != "avg":
+            return super().pool(x, pool_type)
+        if not self.pool_include_prefix:
+            x = x[:, self.num_prefix_tokens :]
+        b, n, c = x.shape
+        return x.permute(0, 2, 1).reshape(b, c, n, 1).mean(dim=(2, 3), keepdim=True).reshape(b, c)
+
+
 def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of ``model`` computing the same function with an XNNPACK-delegable graph.
 
@@ -148,6 +163,8 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
             module.__class__ = _DelegableLayerNorm
         elif type(module) is VisionTransformerDistilled:
             module.__class__ = _DelegableDistilledViT
+        elif type(module) is VisionTransformer:
+            module.__class__ = _DelegableViT
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     return prepared

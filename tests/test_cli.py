@@ -124,3 +124,26 @@ def test_ddp_two_processes_end_with_identical_weights(cli, tmp_path):
     assert rank0.keys() == rank1.keys()
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_optimizer_and_scheduler_are_configurable_from_the_command_line(tmp_path, monkeypatch):
+    from pqv_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(
+        [
+            "--config",
+            str(_config(tmp_path)),
+            "--model.init_args.optimizer=torch.optim.SGD",
+            "--model.init_args.optimizer.lr=0.05",
+            "--model.init_args.optimizer.momentum=0.9",
+            "--model.init_args.lr_scheduler=torch.optim.lr_scheduler.StepLR",
+            "--model.init_args.lr_scheduler.step_size=3",
+        ],
+        run=False,
+    )
+    configured = cli.model.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.05
+    assert optimizer.defaults["momentum"] == 0.9
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 3

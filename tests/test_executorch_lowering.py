@@ -36,7 +36,13 @@ def _pruned_like() -> torch.nn.Module:
     return model.eval()
 
 
-MODELS = {"vit": _vit, "deit_distilled": _deit_distilled, "pruned_like": _pruned_like}
+def _avg_pool_vit() -> torch.nn.Module:
+    """Mean over patch tokens instead of a class token (the quickstart's head)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="avg", **TINY).eval()
+
+
+MODELS = {"vit": _vit, "deit_distilled": _deit_distilled, "pruned_like": _pruned_like, "avg_pool": _avg_pool_vit}
 
 
 def _train_briefly(model: torch.nn.Module, steps: int = 60) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -69,7 +69,7 @@ def test_warmup_cosine_schedule_shape():
     factors = [warmup_cosine(step, warmup_steps=10, total_steps=110, min_factor=0.01) for step in range(111)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.01)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
 
 
 def test_fit_logs_top1_top5_and_learns(tiny_vit_kwargs, digits):
