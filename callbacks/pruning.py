@@ -108,6 +108,11 @@ class StructuredPruning(Callback):
         """The structure of the pruned model (plain data), once pruned or restored."""
         return current_structure(self._model) if hasattr(self, "_model") else None
 
+    @property
+    def dense_model(self) -> torch.nn.Module | None:
+        """The model as it was before pruning in ``setup``, kept until fit start (for resume and teachers)."""
+        return self._dense_backup
+
     def on_dense_model(self, listener: Callable[[torch.nn.Module], None]) -> None:
         """Call ``listener(dense_model)`` with the model just before it is pruned (e.g. to keep a teacher)."""
         self._dense_listeners.append(listener)

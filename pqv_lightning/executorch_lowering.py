@@ -283,6 +283,9 @@ def _count_lowered(graph_module: torch.fx.GraphModule) -> tuple[int, int, dict[s
     return delegated, delegates, dict(sorted(outside.items()))
 
 
+_INT4_GROUP = 32  # the int4 group size XNNPACK delegates
+
+
 def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: Iterable[Tensor] | None):
     from pqv_lightning.quantization import quantize, quantize_pt2e
 
@@ -290,7 +293,11 @@ def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: It
         return quantize_pt2e(model, "xnnpack", example, calibration)
     if precision == "int8_dynamic":
         return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True)
-    return quantize(model, "int4_weight:xnnpack", example).module
+    if all(m.in_features % _INT4_GROUP == 0 for m in model.modules() if isinstance(m, nn.Linear)):
+        return quantize(model, "int4_weight:xnnpack", example).module
+    # XNNPACK takes 4-bit weights in groups of 32 or per output channel. Pruned widths (e.g. 144) leave no
+    # group of 32, and torchao's per-channel form does not lower: PT2E's 4-bit per-channel config does.
+    return quantize_pt2e(model, "xnnpack", example, None, weight_bits=4)
 
 
 def export_pte(

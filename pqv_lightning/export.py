@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from pqv_lightning.quantization import QuantizedModel
+    from pqv_lightning._warnings import deprecations_silenced
+from pqv_lightning.quantization import QuantizedModel
 
 __all__ = [
     "EXECUTORCH_PRECISIONS",
@@ -448,6 +449,14 @@ def _torchscript_variants(
             )
 
 
+# TorchScript and the lite interpreter are deprecated in PyTorch; they are the PQV-Mobile formats we keep.
+_JIT_DEPRECATIONS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
+    (FutureWarning, r"Lite Interpreter is deprecated"),
+    (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
+)
+
+
 def _export_torchscript_family(
     ex: _Exporter, model: nn.Module, formats: tuple[str, ...], quantized: Sequence[QuantizedModel]
 ) -> None:
@@ -767,7 +776,12 @@ def export_artifacts(
         pieces = _make_pieces(model, val_batches, example_input.shape[0])
         ex = _Exporter(out, example_input, pieces, thresholds, prefix)
         if "torchscript" in fmts or "lite" in fmts:
-            _export_torchscript_family(ex, model, fmts, quantized)
+            with deprecations_silenced(
+                "TorchScript and lite export use deprecated PyTorch APIs (kept for PQV-Mobile's formats; "
+                "ExecuTorch is their successor); their deprecation warnings are silenced.",
+                _JIT_DEPRECATIONS,
+            ):
+                _export_torchscript_family(ex, model, fmts, quantized)
         if "executorch" in fmts:
             _export_executorch(ex, model, et_precisions, calibration)
         if "onnx" in fmts:

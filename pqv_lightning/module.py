@@ -7,6 +7,7 @@ model in ``self.model``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -20,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from torchmetrics.classification import MulticlassAccuracy
 
 from pqv_lightning.checkpoint import restore_pruned_structure
+from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
 
 __all__ = ["ViTClassifier", "warmup_cosine"]
@@ -51,6 +53,9 @@ class ViTClassifier(pl.LightningModule):
         optimizer: replaces the default AdamW (LightningCLI: ``--model.optimizer=SGD --model.optimizer.lr=...``).
         lr_scheduler: replaces the default warm-up + cosine schedule (stepped every epoch).
     """
+
+    #: The training loss goes through ``pqv_lightning.distillation.distill`` (KnowledgeDistillation works).
+    supports_distillation = True
 
     def __init__(
         self,
@@ -130,6 +135,8 @@ class ViTClassifier(pl.LightningModule):
         self._check_labels(labels)
         logits = self(images)
         loss = self.classification_loss(logits, labels)
+        if stage == "train":
+            loss = distill(self, images, logits, loss)
         batch_size = labels.shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size, sync_dist=stage != "train")
         for name in ("top1", "top5"):
@@ -166,16 +173,14 @@ class ViTClassifier(pl.LightningModule):
         }
 
     def _default_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        """Warm-up + cosine per step. Rebuilt mid-run (e.g. after pruning at epoch K) it continues from the
-        current global step instead of warming up again."""
+        """Linear warm-up then cosine decay, stepped every optimizer step."""
         trainer = self.trainer
         total = max(1, int(trainer.estimated_stepping_batches))
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
         warmup = round(total * self.hparams.warmup_epochs / max_epochs)
-        offset = int(trainer.global_step)
         min_factor = min(1.0, self.hparams.min_lr / self.hparams.lr)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step + offset, warmup, total, min_factor)
+            optimizer, functools.partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_factor=min_factor)
         )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

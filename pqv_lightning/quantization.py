@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pqv_lightning._warnings import deprecations_silenced
+
 __all__ = [
     "LEGACY_ENGINES",
     "METHODS",
@@ -67,23 +69,15 @@ _LEGACY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"Please use quant_min and quant_max to specify the range"),
     (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"),
 )
-_legacy_notice_logged = False
 
 
-@contextlib.contextmanager
-def _legacy_ao_warnings_silenced() -> Iterator[None]:
+def _legacy_ao_warnings_silenced() -> contextlib.AbstractContextManager[None]:
     """Silence the known deprecation warnings of ``torch.ao.quantization``; log one notice per process."""
-    global _legacy_notice_logged
-    if not _legacy_notice_logged:
-        log.info(
-            "int8_dynamic/int8_static use the deprecated torch.ao.quantization path (kept for the PQV-Mobile "
-            "backends and TorchScript/lite export); its deprecation warnings are silenced."
-        )
-        _legacy_notice_logged = True
-    with warnings.catch_warnings():
-        for category, message in _LEGACY_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
+    return deprecations_silenced(
+        "int8_dynamic/int8_static use the deprecated torch.ao.quantization path (kept for the PQV-Mobile "
+        "backends and TorchScript/lite export); its deprecation warnings are silenced.",
+        _LEGACY_WARNINGS,
+    )
 
 
 def _installed_legacy_engines() -> list[str]:
@@ -371,6 +365,8 @@ def _pt2e_quantizer(backend: str, weight_bits: int, dynamic: bool) -> object:
             )
         qrange = {"weight_qmin": -8, "weight_qmax": 7} if weight_bits == 4 else {}
         config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic, **qrange)
+        if weight_bits == 4:  # XNNPACK runs 4-bit weights in linear layers only (not in the patch conv)
+            return XNNPACKQuantizer().set_module_type(nn.Linear, config)
         return XNNPACKQuantizer().set_global(config)
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,

@@ -144,3 +144,18 @@ def test_bad_arguments_rejected_before_work() -> None:
         export_pte(model, [1, 2, 3])
     with pytest.raises(TypeError, match="program"):
         run_pte(123, torch.randn(1, 3, 32, 32))
+
+
+def test_int4_on_pruned_widths_without_groups_of_32_is_fully_delegated() -> None:
+    from pqv_lightning.pruning import PruningSpec, prune
+
+    model = _vit()
+    example = torch.randn(1, 3, 32, 32)
+    prune(model, PruningSpec(ratio=0.25), example)  # embedding 64 -> 48: no 32-wide int4 group fits
+    assert model.blocks[0].attn.qkv.in_features % 32 != 0
+    result = export_pte(model, example, precision="int4")
+    assert result.outside_ops == {} and result.num_delegates == 1
+    inputs = torch.randn(4, 1, 3, 32, 32)
+    with torch.no_grad():
+        for x in inputs:
+            assert torch.allclose(run_pte(result.buffer, x), model(x), atol=0.1)

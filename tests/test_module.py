@@ -73,6 +73,7 @@ def test_warmup_cosine_schedule_shape():
 
 
 def test_fit_logs_top1_top5_and_learns(tiny_vit_kwargs, digits):
+    pl.seed_everything(0)
     module = ViTClassifier(
         "vit_tiny_patch16_224",
         10,

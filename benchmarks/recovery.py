@@ -1,0 +1,156 @@
+"""Accuracy recovery after pruning on digits: finetune with vs without distillation, VTP gates vs Taylor.
+
+For each seed a dense ViT (configs/quickstart.yaml model and data) is trained once; then, for each ratio, each
+method starts from those dense weights and gets the same number of epochs after the dense phase:
+
+* ``taylor``: StructuredPruning(importance="taylor") at fit start, then finetune;
+* ``taylor+kd``: the same with KnowledgeDistillation (soft, the dense model as teacher);
+* ``gates``: SparsityGates (``--gate-epochs`` with gates + L1, prune, finetune the rest), no distillation;
+* ``gates+kd``: the same with KnowledgeDistillation.
+
+Prints test top-1 (mean, sample std, min-max over seeds) per method and ratio.
+
+    python benchmarks/recovery.py --dense-epochs 30 --epochs 10 --seeds 0 1 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import yaml
+
+from pqv_lightning import ViTClassifier
+from pqv_lightning.callbacks.distillation import KnowledgeDistillation
+from pqv_lightning.callbacks.pruning import StructuredPruning
+from pqv_lightning.callbacks.sparsity_gates import SparsityGates
+from pqv_lightning.datamodules import DigitsDataModule
+
+METHODS = ("taylor", "taylor+kd", "gates", "gates+kd")
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def quickstart() -> tuple[dict, dict]:
+    config = yaml.safe_load(QUICKSTART.read_text())
+    return config["model"]["init_args"], config["data"]["init_args"]
+
+
+def trainer(epochs: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def test_top1(module: ViTClassifier, data: DigitsDataModule) -> float:
+    return float(trainer(1, []).test(module, datamodule=data, verbose=False)[0]["test/top1"])
+
+
+def run(args: argparse.Namespace) -> None:
+    model_args, data_args = quickstart()
+    base = {k: v for k, v in model_args.items() if k not in ("lr", "warmup_epochs")}
+    results: dict[tuple[str, float], list[float]] = {}
+    params: dict[tuple[str, float], int] = {}
+    dense_acc = []
+    for seed in args.seeds:
+        pl.seed_everything(seed, workers=True)
+        data = DigitsDataModule(**data_args)
+        dense = ViTClassifier(**base, lr=model_args["lr"], warmup_epochs=model_args["warmup_epochs"])
+        t0 = time.perf_counter()
+        trainer(args.dense_epochs, []).fit(dense, datamodule=data)
+        dense_acc.append(test_top1(dense, data))
+        print(f"seed {seed}: dense top1 {dense_acc[-1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        state = copy.deepcopy(dense.state_dict())
+        for ratio in args.ratios:
+            for method in args.methods:
+                pl.seed_everything(seed, workers=True)
+                module = ViTClassifier(**base, lr=args.lr, warmup_epochs=args.warmup)
+                module.load_state_dict(state)
+                if method.startswith("taylor"):
+                    callbacks = [StructuredPruning(ratio=ratio, importance="taylor", calibration_batches=10)]
+                else:
+                    callbacks = [SparsityGates(ratio=ratio, prune_epoch=args.gate_epochs, l1_lambda=args.l1_lambda)]
+                if method.endswith("+kd"):
+                    callbacks.append(KnowledgeDistillation(mode="soft", temperature=args.temperature, alpha=args.alpha))
+                t0 = time.perf_counter()
+                trainer(args.epochs, callbacks).fit(module, datamodule=data)
+                acc = test_top1(module, data)
+                results.setdefault((method, ratio), []).append(acc)
+                params[(method, ratio)] = sum(p.numel() for p in module.model.parameters())
+                print(
+                    f"seed {seed} ratio {ratio} {method}: top1 {acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True
+                )
+    dense_params = sum(p.numel() for p in dense.model.parameters())
+    print()
+    print(
+        f"digits test top-1 over seeds {args.seeds}; dense {args.dense_epochs} epochs, then {args.epochs} epochs "
+        f"per method (gates: {args.gate_epochs} with L1 {args.l1_lambda:g}); torch threads {torch.get_num_threads()}"
+    )
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}")
+
+    def row(name: str, ratio: str, accs: list[float], n_params: int) -> str:
+        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        return (
+            f"| {name:<10} | {ratio:>5} | {statistics.mean(accs):.4f} | {spread:.4f} | "
+            f"{min(accs):.4f}-{max(accs):.4f} | {n_params / 1e6:.3f}M |"
+        )
+
+    print("| method     | ratio | mean   | std    | min-max       | params |")
+    print("|------------|-------|--------|--------|---------------|--------|")
+    print(row("dense", "-", dense_acc, dense_params))
+    for ratio in args.ratios:
+        for method in args.methods:
+            print(row(method, f"{ratio:g}", results[(method, ratio)], params[(method, ratio)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--dense-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs after the dense phase, for every method")
+    parser.add_argument("--gate-epochs", type=int, default=None, help="SparsityGates prune_epoch (default half)")
+    parser.add_argument("--l1-lambda", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="finetuning peak LR (warm-up + cosine)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="finetuning warm-up epochs")
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.gate_epochs is None:
+        args.gate_epochs = max(1, args.epochs // 2)
+    if not 1 <= args.gate_epochs < args.epochs:
+        parser.error(f"--gate-epochs={args.gate_epochs} must be in [1, --epochs={args.epochs}).")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Known deprecation warnings of the legacy paths we keep on purpose: silenced, explained once per process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+
+log = logging.getLogger("pqv_lightning")
+_explained: set[str] = set()
+
+
+@contextlib.contextmanager
+def deprecations_silenced(notice: str, patterns: Sequence[tuple[type[Warning], str]]) -> Iterator[None]:
+    """Ignore warnings matching ``patterns`` (category, message regex) in the block; log ``notice`` once."""
+    if notice not in _explained:
+        log.info(notice)
+        _explained.add(notice)
+    with warnings.catch_warnings():
+        for category, message in patterns:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
