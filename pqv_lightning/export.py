@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pqv_lightning._warnings import deprecations_silenced
+
 if TYPE_CHECKING:
-    from pqv_lightning._warnings import deprecations_silenced
-from pqv_lightning.quantization import QuantizedModel
+    from pqv_lightning.quantization import QuantizedModel
 
 __all__ = [
     "EXECUTORCH_PRECISIONS",

@@ -11,99 +11,42 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from pqv_lightning import export as ex
 from pqv_lightning.quantization import QuantizationTarget, QuantizedModel, quantize
 
-BATCH = 8  # export batch; the 297 val images leave a short last piece, so padding is exercised
-
-
-def _tiny_vit() -> torch.nn.Module:
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=4,
-        in_chans=1,
-        depth=2,
-        embed_dim=64,
-        num_heads=4,
-        num_classes=10,
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two intra-op threads on a busy 2-core machine oversubscribe badly; one is faster and steadier."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+BATCH = 8  # export batch; the 540 held-out images leave a short last piece, so padding is exercised
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    images = (F.interpolate(images, size=16, mode="bilinear", align_corners=False) - 0.5) / 0.5
-    labels = torch.tensor(data.target)
-    return images[:1500], labels[:1500], images[1500:], labels[1500:]
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    """A tiny ViT trained briefly on sklearn digits (about 90% held-out accuracy)."""
-    x, y, _, _ = digits
-    torch.manual_seed(0)
-    model = _tiny_vit()
-    epochs, bs = 15, 64
-    opt = torch.optim.AdamW(model.parameters(), 3e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * (len(x) // bs))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x) - bs + 1, bs):
-            idx = perm[i : i + bs]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def data(digits):
-    x, _, xv, yv = digits
+def data(digit_tensors):
+    x, xv, yv = digit_tensors["x_train"], digit_tensors["x_heldout"], digit_tensors["y_heldout"]
     val = [(xv[i : i + 64], yv[i : i + 64]) for i in range(0, len(xv), 64)]
     calibration = [x[i : i + 64] for i in range(0, 256, 64)]
     return x[:BATCH].clone(), val, calibration
 
 
 @pytest.fixture(scope="module")
-def eager_top1(trained, data):
+def eager_top1(trained_tiny_vit, data):
     _, val, _ = data
     with torch.no_grad():
-        correct = sum((trained(x).argmax(1) == y).sum().item() for x, y in val)
+        correct = sum((trained_tiny_vit(x).argmax(1) == y).sum().item() for x, y in val)
     return correct / sum(len(y) for _, y in val)
 
 
 @pytest.fixture(scope="module")
-def quantized(trained, data):
+def quantized(trained_tiny_vit, data):
     example, _, calibration = data
     targets = ["fp16", "int8_dynamic:x86", "int8_static:x86", "int4_weight"]
-    return [quantize(trained, t, example, calibration) for t in targets]
+    return [quantize(trained_tiny_vit, t, example, calibration) for t in targets]
 
 
 @pytest.fixture(scope="module")
-def exported(trained, data, quantized, tmp_path_factory):
+def exported(trained_tiny_vit, data, quantized, tmp_path_factory):
     example, val, calibration = data
     out = tmp_path_factory.mktemp("export")
     records = ex.export_artifacts(
-        trained,
+        trained_tiny_vit,
         out,
         ["torchscript", "lite", "onnx"],
         example,
@@ -131,7 +74,7 @@ def test_torchscript_lite_onnx_export_and_verify(exported, eager_top1):
         rec = recs[name]
         assert rec.status == "ok", (name, rec.reason)
         assert rec.input_shape == [BATCH, 1, 16, 16]
-        assert rec.extra["verified_images"] == 297
+        assert rec.extra["verified_images"] == 540
         path = Path(rec.path)
         assert path.parent == out and path.stat().st_size == rec.size_bytes
         if rec.precision == "fp32":
@@ -165,7 +108,7 @@ def _agreement_and_diff(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float,
     return (logits.argmax(1) == ref.argmax(1)).float().mean().item(), (logits - ref).abs().max().item()
 
 
-def test_files_load_in_their_own_runtime_independently(exported, trained, data):
+def test_files_load_in_their_own_runtime_independently(exported, trained_tiny_vit, data):
     """Reload with plain runtime APIs (no project code) and compare with the eager model."""
     import onnxruntime as ort
     from torch.jit.mobile import _load_for_lite_interpreter
@@ -174,7 +117,7 @@ def test_files_load_in_their_own_runtime_independently(exported, trained, data):
     _, val, _ = data
     images = torch.cat([x for x, _ in val])[:296]  # a multiple of the export batch
     with torch.no_grad():
-        ref = trained(images)
+        ref = trained_tiny_vit(images)
     checked = set()
     for rec in records:
         if rec.status != "ok":
@@ -231,7 +174,7 @@ def test_manifest_is_json_with_matching_checksums(exported, tmp_path):
         assert "traceback" not in row["extra"]
 
 
-def test_failure_in_one_format_is_recorded_and_others_go_on(trained, data, tmp_path, monkeypatch):
+def test_failure_in_one_format_is_recorded_and_others_go_on(trained_tiny_vit, data, tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise RuntimeError("exporter exploded")
 
@@ -239,7 +182,7 @@ def test_failure_in_one_format_is_recorded_and_others_go_on(trained, data, tmp_p
     example, val, _ = data
     (tmp_path / "model_fp32.onnx").write_bytes(b"left by an earlier run")
     records = ex.export_artifacts(
-        trained, tmp_path, ["onnx", "torchscript"], example, val[:2], onnx_precisions=("fp32", "int8")
+        trained_tiny_vit, tmp_path, ["onnx", "torchscript"], example, val[:2], onnx_precisions=("fp32", "int8")
     )
     recs = _by_name(records)
     for name in ("onnx-fp32", "onnx-int8"):
@@ -251,7 +194,7 @@ def test_failure_in_one_format_is_recorded_and_others_go_on(trained, data, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_fp32.pt"]
 
 
-def test_onnx_falls_back_to_legacy_exporter_with_reason(trained, data, tmp_path, monkeypatch):
+def test_onnx_falls_back_to_legacy_exporter_with_reason(trained_tiny_vit, data, tmp_path, monkeypatch):
     real_export = torch.onnx.export
 
     def no_dynamo(*args, dynamo=True, **kwargs):
@@ -261,19 +204,20 @@ def test_onnx_falls_back_to_legacy_exporter_with_reason(trained, data, tmp_path,
 
     monkeypatch.setattr(torch.onnx, "export", no_dynamo)
     example, val, _ = data
-    (rec,) = ex.export_artifacts(trained, tmp_path, ["onnx"], example, val[:2], onnx_precisions=("fp32",))
+    (rec,) = ex.export_artifacts(trained_tiny_vit, tmp_path, ["onnx"], example, val[:2], onnx_precisions=("fp32",))
     assert rec.status == "ok", rec.reason
     assert rec.extra["onnx_exporter"].startswith("legacy")
     assert "dynamo unavailable" in rec.extra["dynamo_failed"]
     assert rec.top1_agreement == 1.0
 
 
-def test_verification_failure_marks_record_and_keeps_file(trained, data, tmp_path):
+def test_verification_failure_marks_record_and_keeps_file(trained_tiny_vit, data, tmp_path, tiny_vit_kwargs):
     """A variant whose outputs do not match the eager float model is exported but marked failed."""
     example, val, _ = data
     torch.manual_seed(1)
-    wrong = QuantizedModel(QuantizationTarget("fp16"), _tiny_vit().eval())  # untrained: disagrees
-    records = ex.export_artifacts(trained, tmp_path, ["torchscript"], example, val[:2], quantized=[wrong])
+    untrained = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **tiny_vit_kwargs)
+    wrong = QuantizedModel(QuantizationTarget("fp16"), untrained.eval())  # disagrees with the trained model
+    records = ex.export_artifacts(trained_tiny_vit, tmp_path, ["torchscript"], example, val[:2], quantized=[wrong])
     recs = _by_name(records)
     assert recs["torchscript-fp32"].status == "ok"
     bad = recs["torchscript-fp16"]
@@ -282,7 +226,7 @@ def test_verification_failure_marks_record_and_keeps_file(trained, data, tmp_pat
     assert Path(bad.path).is_file() and bad.sha256 is not None
     strict = ex.VerifyThresholds(fp32_min_agreement=1.0, fp32_max_abs_diff=1e-12)
     (rec,) = ex.export_artifacts(
-        trained, tmp_path, ["onnx"], example, val[:1], onnx_precisions=("fp32",), thresholds=strict
+        trained_tiny_vit, tmp_path, ["onnx"], example, val[:1], onnx_precisions=("fp32",), thresholds=strict
     )
     if rec.max_abs_logit_diff > 1e-12:
         assert rec.status == "failed" and "max |logit diff|" in rec.reason
@@ -316,21 +260,23 @@ def no_export_work(monkeypatch):
         ({"val_batches": []}, ValueError, "val_batches is empty"),
     ],
 )
-def test_bad_input_fails_before_any_export_work(trained, data, tmp_path, no_export_work, kwargs, error, message):
+def test_bad_input_fails_before_any_export_work(
+    trained_tiny_vit, data, tmp_path, no_export_work, kwargs, error, message
+):
     example, val, _ = data
     args = {"formats": ["torchscript", "onnx"], "example_input": example, "val_batches": val[:1]} | kwargs
     out = tmp_path / "out"
     with pytest.raises(error, match=message):
-        ex.export_artifacts(trained, out, **args)
+        ex.export_artifacts(trained_tiny_vit, out, **args)
     assert not out.exists()
 
 
-def test_unwritable_output_dir_fails_fast(trained, data, tmp_path, no_export_work):
+def test_unwritable_output_dir_fails_fast(trained_tiny_vit, data, tmp_path, no_export_work):
     example, val, _ = data
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="not writable"):
-        ex.export_artifacts(trained, blocker / "out", ["torchscript"], example, val[:1])
+        ex.export_artifacts(trained_tiny_vit, blocker / "out", ["torchscript"], example, val[:1])
     with pytest.raises(NotADirectoryError, match="not a directory"):
         ex.check_output_dir(blocker)
     assert ex.check_output_dir(tmp_path / "new" / "dir").is_dir()
@@ -371,18 +317,18 @@ def test_optimize_for_mobile_probe_is_cached_and_logged_once(caplog):
 
 
 @pytest.mark.slow
-def test_executorch_exports_verify_and_run_independently(trained, data, tmp_path):
+def test_executorch_exports_verify_and_run_independently(trained_tiny_vit, data, tmp_path):
     from executorch.runtime import Runtime
 
     example, val, calibration = data
     records = ex.export_artifacts(
-        trained, tmp_path, ["executorch"], example, val, calibration=calibration,
+        trained_tiny_vit, tmp_path, ["executorch"], example, val, calibration=calibration,
         executorch_precisions=("fp32", "int8", "int4"),
     )  # fmt: skip
     assert [r.name for r in records] == ["executorch-fp32", "executorch-int8", "executorch-int4"]
     images = torch.cat([x for x, _ in val])[:96]
     with torch.no_grad():
-        ref = trained(images)
+        ref = trained_tiny_vit(images)
     runtime = Runtime.get()
     for rec in records:
         assert rec.status == "ok", (rec.name, rec.reason)

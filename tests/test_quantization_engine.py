@@ -1,4 +1,4 @@
-"""Tests of the quantization engine on a tiny timm ViT trained briefly on scikit-learn's digits."""
+"""Tests of the quantization engine on the session's tiny timm ViT trained briefly on scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import functools
 import warnings
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 from pqv_lightning import quantization as q
@@ -35,99 +32,41 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and deterministically) on one thread, also on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def calibration(digit_tensors) -> list[torch.Tensor]:
+    return list(digit_tensors["x_train"][:256].split(64))
 
 
 @pytest.fixture(scope="module")
-def digits(one_thread) -> dict[str, torch.Tensor]:
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = (F.interpolate(images, size=16, mode="bilinear", align_corners=False) - 0.5) / 0.5
-    labels = torch.tensor(data.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:]
-    return {
-        "x_train": images[train],
-        "y_train": labels[train],
-        "x_test": images[test],
-        "y_test": labels[test],
-    }
+def test_batches(digit_tensors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(zip(digit_tensors["x_heldout"].split(100), digit_tensors["y_heldout"].split(100), strict=True))
 
 
 @pytest.fixture(scope="module")
-def trained_vit(digits) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=4,
-        in_chans=1,
-        depth=2,
-        embed_dim=64,
-        num_heads=4,
-        num_classes=10,
-    )
-    x, y = digits["x_train"], digits["y_train"]
-    epochs, batch = 8, 64
-    steps = epochs * ((len(y) + batch - 1) // batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-    generator = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=generator)
-        for i in range(0, len(y), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def calibration(digits) -> list[torch.Tensor]:
-    return list(digits["x_train"][:256].split(64))
-
-
-@pytest.fixture(scope="module")
-def test_batches(digits) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(zip(digits["x_test"].split(100), digits["y_test"].split(100), strict=True))
-
-
-@pytest.fixture(scope="module")
-def quantized(trained_vit, digits, calibration) -> dict[str, QuantizedModel]:
-    before = copy.deepcopy(trained_vit.state_dict())
-    example = digits["x_train"][:1]
-    models = {spec: quantize(trained_vit, spec, example, calibration) for spec in VARIANTS}
-    after = trained_vit.state_dict()
+def quantized(trained_tiny_vit, digit_tensors, calibration) -> dict[str, QuantizedModel]:
+    before = copy.deepcopy(trained_tiny_vit.state_dict())
+    example = digit_tensors["x_train"][:1]
+    models = {spec: quantize(trained_tiny_vit, spec, example, calibration) for spec in VARIANTS}
+    after = trained_tiny_vit.state_dict()
     assert before.keys() == after.keys()
     for key, value in before.items():
         assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
-    assert not trained_vit.training
-    assert all(isinstance(m, nn.Linear) for m in [trained_vit.head, trained_vit.blocks[0].attn.qkv])
+    assert not trained_tiny_vit.training
+    assert all(isinstance(m, nn.Linear) for m in [trained_tiny_vit.head, trained_tiny_vit.blocks[0].attn.qkv])
     return models
 
 
-def test_trained_model_learned(trained_vit, test_batches):
-    assert evaluate(trained_vit, test_batches)["top1"] > 70.0
+def test_trained_model_learned(trained_tiny_vit, test_batches):
+    assert evaluate(trained_tiny_vit, test_batches)["top1"] > 70.0
 
 
 @pytest.mark.parametrize("spec", VARIANTS)
-def test_variant_agrees_with_fp32(spec, quantized, trained_vit, digits):
+def test_variant_agrees_with_fp32(spec, quantized, trained_tiny_vit, digit_tensors):
     model = quantized[spec]
-    x = digits["x_test"]
+    x = digit_tensors["x_heldout"]
     logits = model.module(x[:7])
     assert logits.dtype == torch.float32 and logits.shape == (7, 10)
-    agreement = top1_agreement(trained_vit, model.module, x.split(128))
+    agreement = top1_agreement(trained_tiny_vit, model.module, x.split(128))
     assert agreement >= 0.97, f"{spec}: top-1 agreement {agreement:.3f}"
 
 
@@ -153,8 +92,8 @@ def test_variants_are_really_quantized(quantized):
         assert "quantize_per_tensor" in graph.code and "dequantize_per_channel" in graph.code
 
 
-def test_engine_is_scoped(quantized, digits):
-    x = digits["x_test"][:16]
+def test_engine_is_scoped(quantized, digit_tensors):
+    x = digit_tensors["x_heldout"][:16]
     model = quantized[f"int8_dynamic:{ENGINES[0]}"]
     with q.quantized_engine(ENGINES[0]):
         expected = model.unwrapped()(x)
@@ -166,44 +105,44 @@ def test_engine_is_scoped(quantized, digits):
     assert model.target.engine == ENGINES[0]
 
 
-def test_no_legacy_deprecation_warnings(trained_vit, digits, calibration):
+def test_no_legacy_deprecation_warnings(trained_tiny_vit, digit_tensors, calibration):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for method in ("int8_dynamic", "int8_static"):
-            model = quantize(trained_vit, method, digits["x_train"][:2], calibration, calibration_batches=1)
-            model.module(digits["x_test"][:2])
+            model = quantize(trained_tiny_vit, method, digit_tensors["x_train"][:2], calibration, calibration_batches=1)
+            model.module(digit_tensors["x_heldout"][:2])
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "deprecated" in m or "reduce_range" in m], messages
 
 
-def test_pt2e_graph_for_executorch(quantized, digits):
+def test_pt2e_graph_for_executorch(quantized, digit_tensors):
     """The fixture quantized from a batch-1 example: any batch runs, and the graph re-exports at batch 1."""
     graph = quantized["int8_pt2e:xnnpack"].module
-    assert graph(digits["x_test"][:1]).shape == (1, 10)
-    assert graph(digits["x_test"][:33]).shape == (33, 10)
+    assert graph(digit_tensors["x_heldout"][:1]).shape == (1, 10)
+    assert graph(digit_tensors["x_heldout"][:33]).shape == (33, 10)
     graph.eval()
-    exported = torch.export.export(graph, (digits["x_test"][:1],))
-    torch.testing.assert_close(exported.module()(digits["x_test"][:1]), graph(digits["x_test"][:1]))
+    exported = torch.export.export(graph, (digit_tensors["x_heldout"][:1],))
+    torch.testing.assert_close(exported.module()(digit_tensors["x_heldout"][:1]), graph(digit_tensors["x_heldout"][:1]))
 
 
-def test_pt2e_4bit_weights(trained_vit, digits):
-    graph = quantize_pt2e(trained_vit, "xnnpack", digits["x_train"][:4], None, weight_bits=4)
+def test_pt2e_4bit_weights(trained_tiny_vit, digit_tensors):
+    graph = quantize_pt2e(trained_tiny_vit, "xnnpack", digit_tensors["x_train"][:4], None, weight_bits=4)
     constants = [functools.reduce(getattr, n.target.split("."), graph) for n in graph.graph.nodes if n.op == "get_attr"]
     int_weights = [c for c in constants if isinstance(c, torch.Tensor) and c.dtype == torch.int8 and c.dim() == 2]
     assert int_weights and all(int(w.min()) >= -8 and int(w.max()) <= 7 for w in int_weights)
     assert "choose_qparams" in graph.code  # activations quantized dynamically
-    assert top1_agreement(trained_vit, graph, [digits["x_test"]]) >= 0.9
+    assert top1_agreement(trained_tiny_vit, graph, [digit_tensors["x_heldout"]]) >= 0.9
 
 
-def test_accuracy_of_every_variant(trained_vit, quantized, test_batches):
+def test_accuracy_of_every_variant(trained_tiny_vit, quantized, test_batches):
     """Prints FP32 and per-variant top-1 (`pytest -s`); asserts only that quantization did not break it."""
-    reference = evaluate(trained_vit, test_batches)
+    reference = evaluate(trained_tiny_vit, test_batches)
     images = [x for x, _ in test_batches]
-    print("\ntarget                 top1    top5  agree  (digits held-out, 397 images)")
+    print(f"\ntarget                 top1    top5  agree  (digits held-out, {sum(map(len, images))} images)")
     print(f"{'fp32':<22} {reference['top1']:6.2f}  {reference['top5']:6.2f}  1.000")
     for spec, model in quantized.items():
         metrics = evaluate(model.module, test_batches)
-        agreement = top1_agreement(trained_vit, model.module, images)
+        agreement = top1_agreement(trained_tiny_vit, model.module, images)
         print(f"{spec:<22} {metrics['top1']:6.2f}  {metrics['top5']:6.2f}  {agreement:.3f}")
         assert metrics["top1"] >= reference["top1"] - 3.0
 
@@ -271,17 +210,17 @@ class _Consumed:
         return iter([])
 
 
-def test_bad_inputs_rejected_before_work(trained_vit, digits):
-    example = digits["x_train"][:2]
+def test_bad_inputs_rejected_before_work(trained_tiny_vit, digit_tensors):
+    example = digit_tensors["x_train"][:2]
     for method in ("int8_static", "int8_pt2e"):
         with pytest.raises(ValueError, match="zero batches"):
-            quantize(trained_vit, method, example, [])
+            quantize(trained_tiny_vit, method, example, [])
         with pytest.raises(ValueError, match="got None"):
-            quantize(trained_vit, method, example, None)
+            quantize(trained_tiny_vit, method, example, None)
         with pytest.raises(ValueError, match="calibration_batches must be >= 1"):
-            quantize(trained_vit, method, example, [example], calibration_batches=0)
+            quantize(trained_tiny_vit, method, example, [example], calibration_batches=0)
     with pytest.raises(ValueError, match="zero batches"):
-        quantize(trained_vit, "int8_static", example, iter([]))
+        quantize(trained_tiny_vit, "int8_static", example, iter([]))
     no_linear = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
     calib = _Consumed()
     with pytest.raises(ValueError, match=r"no nn\.Linear"):
@@ -291,9 +230,9 @@ def test_bad_inputs_rejected_before_work(trained_vit, digits):
         with pytest.raises(ValueError, match=r"no nn\.Linear"):
             quantize(no_linear, spec, example, [example])
     with pytest.raises(ValueError, match="weight_bits=4 is not supported for PT2E backend 'x86'"):
-        quantize_pt2e(trained_vit, "x86", example, [example], weight_bits=4)
+        quantize_pt2e(trained_tiny_vit, "x86", example, [example], weight_bits=4)
     with pytest.raises(ValueError, match="Unknown PT2E backend 'qnnpack'"):
-        quantize_pt2e(trained_vit, "qnnpack", example, [example])
+        quantize_pt2e(trained_tiny_vit, "qnnpack", example, [example])
     with pytest.raises(ValueError, match="example_input"):
-        quantize(trained_vit, "int8_dynamic", torch.zeros(2, 1, 16, 16, dtype=torch.long))
+        quantize(trained_tiny_vit, "int8_dynamic", torch.zeros(2, 1, 16, 16, dtype=torch.long))
     assert isinstance(quantize(no_linear, "fp16", example).module(example), torch.Tensor)
