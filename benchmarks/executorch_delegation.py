@@ -3,57 +3,21 @@
 Run: ``python benchmarks/executorch_delegation.py [--model deit_small_patch16_224] [--runs 30]``.
 Threads: torch intra-op threads and the ExecuTorch XNNPACK threadpool are both fixed to ``--threads``
 (the threadpool through ``executorch.extension.pybindings.portable_lib._unsafe_reset_threadpool``; its
-default is the number of cores). Weights are random (``pretrained=False``): this measures speed and
-delegation, not accuracy.
+default is the number of cores); see ``benchmarks/_common.py``. Weights are random (``pretrained=False``):
+this measures speed and delegation, not accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import time
 from collections.abc import Callable
 
 import timm
 import torch
+from _common import header, interleaved_latency
 
 from pqv_lightning.executorch_lowering import export_pte
-
-
-def cpu_info() -> tuple[str, bool]:
-    model, flags = "unknown", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line
-    except OSError:
-        pass
-    return model, "avx512_vnni" in flags.split()
-
-
-def interleaved_latency_ms(
-    fns: dict[str, Callable[[], object]], warmup: int, runs: int
-) -> dict[str, tuple[float, float, float]]:
-    """Median, 10th and 90th percentile (ms) per variant, timed round-robin so that load from other
-    processes on the machine hits every variant alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    stats = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=10)
-        stats[name] = (statistics.median(values), q[0], q[-1])
-    return stats
 
 
 def main() -> None:
@@ -69,21 +33,13 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    portable_lib._unsafe_reset_threadpool(args.threads)
-    cpu, vnni = cpu_info()
-    print(f"load average before start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(header(args.threads))
     print(
-        f"CPU: {cpu} | avx512_vnni: {vnni} | torch threads: {torch.get_num_threads()} | "
-        f"ExecuTorch XNNPACK threadpool: {portable_lib._threadpool_get_thread_count()}"
-    )
-    print(
-        f"torch {torch.__version__}, timm {timm.__version__}, model {args.model} @ {args.img_size}px, "
-        f"batch 1, median of {args.runs} round-robin runs after {args.warmup} warm-up, p10-p90"
+        f"model {args.model} @ {args.img_size}px, batch 1, median and p90 of {args.runs} round-robin runs "
+        f"after {args.warmup} warm-up"
     )
 
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
@@ -117,20 +73,20 @@ def main() -> None:
             )
             print(f"exported {label}", flush=True)
 
-    with torch.inference_mode():
-        stats = interleaved_latency_ms(fns, args.warmup, args.runs)
+    stats = interleaved_latency(fns, args.warmup, args.runs)
     eager = stats["fp32 eager"]
     print(
-        f"\n{'variant':30s} {'median ms':>10s} {'p10-p90':>13s} {'vs eager':>9s}  "
+        f"\n{'variant':30s} {'median ms':>10s} {'p90 ms':>13s} {'vs eager':>9s}  "
         f"{'max|diff|':>9s} {'delegates':>9s} {'in XNNPACK':>10s}  outside ops"
     )
-    print(f"{'fp32 eager':30s} {eager[0]:10.2f} {f'{eager[1]:.1f}-{eager[2]:.1f}':>13s} {1.0:8.2f}x")
+    print(f"{'fp32 eager':30s} {eager.median_ms:10.2f} {eager.p90_ms:13.2f} {1.0:8.2f}x")
     for label, row in rows.items():
         if label not in stats:
             print(f"{label:30s} {row}")
             continue
         lat = stats[label]
-        print(f"{label:30s} {lat[0]:10.2f} {f'{lat[1]:.1f}-{lat[2]:.1f}':>13s} {eager[0] / lat[0]:8.2f}x  {row}")
+        ratio = eager.median_ms / lat.median_ms
+        print(f"{label:30s} {lat.median_ms:10.2f} {lat.p90_ms:13.2f} {ratio:8.2f}x  {row}")
 
 
 if __name__ == "__main__":

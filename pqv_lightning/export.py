@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning._warnings import deprecations_silenced
+from pqv_lightning.quantization import quantized_engine
 
 if TYPE_CHECKING:
     from pqv_lightning.quantization import QuantizedModel
@@ -230,18 +231,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _quantized_engine(engine: str | None) -> Iterator[None]:
-    """Run torch.ao quantized kernels under ``engine`` (no-op for None), restoring the previous one."""
-    if engine is None:
-        yield
-        return
-    from pqv_lightning.quantization import quantized_engine
-
-    with quantized_engine(engine):
-        yield
 
 
 @dataclass
@@ -471,7 +460,7 @@ def _export_torchscript_family(
                 ex.record(f"{fmt}-{tag}", fmt, precision, backend, status="skipped", reason=skip)
             continue
         eager_variant = None if tag == "fp32" else eager_modules[tag]
-        engine = functools.partial(_quantized_engine, engine_name)
+        engine = functools.partial(quantized_engine, engine_name)
         script_extra: dict = {}
         scripted: list[torch.jit.ScriptModule] = []
 

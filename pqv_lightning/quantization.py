@@ -85,8 +85,13 @@ def _installed_legacy_engines() -> list[str]:
 
 
 @contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """Set ``torch.backends.quantized.engine`` (process-global state) for the block, then restore it."""
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Set ``torch.backends.quantized.engine`` (process-global state) for the block, then restore it.
+
+    ``None`` leaves the engine as it is (float models need none)."""
+    if engine is None:
+        yield
+        return
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
