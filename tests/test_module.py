@@ -96,6 +96,12 @@ def test_fit_logs_top1_top5_and_learns(tiny_vit_kwargs, digits):
     assert metrics["val/top5"] >= metrics["val/top1"]
     assert metrics["val/top1"] > 0.2  # chance is 0.1
     assert trainer.lr_scheduler_configs[0].interval == "step"
+    # top-1 is the share of images classified right (micro), not a class-balanced mean.
+    val_loader = digits.val_dataloader()
+    with torch.no_grad():
+        right = sum(int((tiny_classifier(x).argmax(1) == y).sum()) for x, y in val_loader)
+    validated = trainer.validate(tiny_classifier, digits, verbose=False)[0]
+    assert validated["val/top1"] == pytest.approx(right / len(val_loader.dataset), abs=1e-6)
     tested = trainer.test(tiny_classifier, digits, verbose=False)[0]
     assert {"test/top1", "test/top5"} <= set(tested)
     predictions = trainer.predict(tiny_classifier, digits)
