@@ -32,6 +32,7 @@ from pqv_lightning.export import (
     check_output_dir,
     export_artifacts,
     validate_formats,
+    validate_precisions,
     write_manifest,
 )
 from pqv_lightning.quantization import QuantizedModel
@@ -42,20 +43,10 @@ __all__ = [
     "artifacts_table",
     "export_and_report",
     "needs_calibration",
-    "validate_precisions",
+    "validate_precisions",  # re-exported from pqv_lightning.export
 ]
 
 MANIFEST_NAME = "manifest.json"
-
-
-def validate_precisions(values: Sequence[str], accepted: Sequence[str], what: str) -> tuple[str, ...]:
-    """``values`` as a de-duplicated tuple, or raise naming the bad value and the accepted ones."""
-    if isinstance(values, str):
-        values = [values]
-    for value in values:
-        if value not in accepted:
-            raise ValueError(f"Unknown {what} precision {value!r}; accepted: {', '.join(accepted)}.")
-    return tuple(dict.fromkeys(values))
 
 
 def needs_calibration(formats: Sequence[str], executorch: Sequence[str], onnx: Sequence[str]) -> bool:

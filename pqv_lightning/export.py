@@ -49,6 +49,7 @@ __all__ = [
     "export_artifacts",
     "optimize_for_mobile_status",
     "validate_formats",
+    "validate_precisions",
     "write_manifest",
 ]
 
@@ -124,12 +125,13 @@ def validate_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _validate_choices(values: Sequence[str], accepted: Sequence[str], what: str) -> tuple[str, ...]:
+def validate_precisions(values: Sequence[str], accepted: Sequence[str], what: str) -> tuple[str, ...]:
+    """``values`` as a de-duplicated tuple, or raise naming the bad value and the accepted ones."""
     if isinstance(values, str):
         values = [values]
-    for v in values:
-        if v not in accepted:
-            raise ValueError(f"unknown {what} {v!r}; accepted: {', '.join(accepted)}")
+    for value in values:
+        if value not in accepted:
+            raise ValueError(f"Unknown {what} precision {value!r}; accepted: {', '.join(accepted)}.")
     return tuple(dict.fromkeys(values))
 
 
@@ -739,8 +741,8 @@ def export_artifacts(
     a static QDQ model calibrated on ``calibration``.
     """
     fmts = validate_formats(formats)
-    et_precisions = _validate_choices(executorch_precisions, EXECUTORCH_PRECISIONS, "executorch precision")
-    ox_precisions = _validate_choices(onnx_precisions, ONNX_PRECISIONS, "onnx precision")
+    et_precisions = validate_precisions(executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
+    ox_precisions = validate_precisions(onnx_precisions, ONNX_PRECISIONS, "onnx")
     _check_example_input(example_input)
     _check_val_batches(val_batches, example_input)
     needs_calibration = [f"executorch {p}" for p in et_precisions if "executorch" in fmts and p == "int8"]

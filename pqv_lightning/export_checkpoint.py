@@ -24,7 +24,6 @@ from pqv_lightning.callbacks.export import (
     artifacts_table,
     export_and_report,
     needs_calibration,
-    validate_precisions,
 )
 from pqv_lightning.callbacks.quantization import (
     CALIBRATION_SPLITS,
@@ -33,7 +32,14 @@ from pqv_lightning.callbacks.quantization import (
     quantize_and_evaluate,
     results_table,
 )
-from pqv_lightning.export import EXECUTORCH_PRECISIONS, FORMATS, ONNX_PRECISIONS, check_output_dir, validate_formats
+from pqv_lightning.export import (
+    EXECUTORCH_PRECISIONS,
+    FORMATS,
+    ONNX_PRECISIONS,
+    check_output_dir,
+    validate_formats,
+    validate_precisions,
+)
 from pqv_lightning.module import ViTClassifier
 
 __all__ = ["build_parser", "load_classifier", "main"]
