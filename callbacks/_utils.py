@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+
+from pqv_lightning.export import check_output_dir
 
 
 def timm_model_of(pl_module: pl.LightningModule, attribute: str = "model", owner: str = "This callback") -> nn.Module:
@@ -62,3 +66,47 @@ def take_batches(loader: Iterable, count: int, device: torch.device) -> list[tup
     if not batches:
         raise RuntimeError("The training data loader yielded no batch.")
     return [(x.to(device), y.to(device)) for x, y in batches]
+
+
+def check_epochs_fit_max_steps(trainer: pl.Trainer, epochs: int, argument: str, minimum: int) -> None:
+    """Raise ValueError when a ``max_steps`` budget ends before ``epochs`` epochs leave a step of training after them.
+
+    For callbacks that prune after ``epochs`` epochs (``argument`` names their setting, ``minimum`` its lowest
+    accepted value). Call it in ``on_train_start``: only then are the training batches per epoch known. Steps and
+    epochs count from the start of the run, so a resumed run is checked the same way. Runs without ``max_steps``,
+    or with epochs of unknown length, pass.
+    """
+    max_steps, batches = trainer.max_steps, trainer.num_training_batches
+    if max_steps is None or max_steps < 0 or not math.isfinite(batches) or batches < 1:
+        return
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    needed = epochs * per_epoch
+    if needed < max_steps:
+        return
+    latest = (max_steps - 1) // per_epoch
+    accepted = f"{minimum} <= {argument} <= {latest}, or " if latest >= minimum else ""
+    raise ValueError(
+        f"{argument}={epochs} needs {needed} training steps ({per_epoch} an epoch) before pruning, but "
+        f"max_steps={max_steps}: pruning would never happen or leave no finetuning. "
+        f"Accepted: {accepted}max_steps > {needed}."
+    )
+
+
+def resolve_output_dir(trainer: pl.Trainer, configured: Path | None, default_name: str) -> Path:
+    """``configured``, else ``<trainer.log_dir>/<default_name>``; checked writable on rank 0 before training.
+
+    Every rank must call it (``trainer.log_dir`` is collective) and every rank raises when the folder is
+    unusable, so no rank trains on while another stopped.
+    """
+    log_dir = trainer.log_dir
+    resolved = configured or Path(log_dir or trainer.default_root_dir) / default_name
+    problem = None
+    if trainer.is_global_zero:
+        try:
+            check_output_dir(resolved)
+        except OSError as err:
+            problem = err
+    problem = trainer.strategy.broadcast(problem, src=0)
+    if problem is not None:
+        raise problem
+    return resolved

@@ -15,7 +15,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from pqv_lightning.callbacks._utils import timm_model_of
+from pqv_lightning.callbacks._utils import resolve_output_dir, timm_model_of
 from pqv_lightning.callbacks.quantization import (
     CALIBRATION_SPLITS,
     Quantization,
@@ -29,7 +29,6 @@ from pqv_lightning.export import (
     EXECUTORCH_PRECISIONS,
     ONNX_PRECISIONS,
     ArtifactRecord,
-    check_output_dir,
     export_artifacts,
     validate_formats,
     validate_precisions,
@@ -222,26 +221,17 @@ class MobileExport(Callback):
         self.manifest_path: Path | None = None
         self.error: str | None = None
         self._resolved_dir: Path | None = None
+        self._done = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         timm_model_of(pl_module, self.model_attribute, type(self).__name__)
         if stage != "fit":
             return
         check_validation_data(trainer, type(self).__name__)
-        log_dir = trainer.log_dir  # a collective call: every rank must make it
-        self._resolved_dir = self.output_dir or Path(log_dir or trainer.default_root_dir) / "artifacts"
-        problem = None
-        if trainer.is_global_zero:
-            try:
-                check_output_dir(self._resolved_dir)
-            except OSError as err:
-                problem = err
-        problem = trainer.strategy.broadcast(problem, src=0)  # every rank stops, not only rank 0
-        if problem is not None:
-            raise problem
+        self._resolved_dir = resolve_output_dir(trainer, self.output_dir, "artifacts")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.records, self.manifest_path, self.error = [], None, None
+        self.records, self.manifest_path, self.error, self._done = [], None, None, False
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         try:
@@ -251,7 +241,13 @@ class MobileExport(Callback):
             trainer.strategy.barrier("pqv_mobile_export")
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[ArtifactRecord]:
-        """Run the trainer's Quantization callbacks (once), export, verify, write the manifest; rank 0 only."""
+        """Run the trainer's Quantization callbacks (once), export, verify, write the manifest; rank 0 only.
+
+        Runs once per fit (a :class:`TradeoffReport` listed earlier may call it first); later calls return
+        the same records."""
+        if self._done:
+            return self.records
+        self._done = True
         model = timm_model_of(pl_module, self.model_attribute, type(self).__name__)
         quantized: dict[str, QuantizedModel] = {}
         quantization: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from pqv_lightning.callbacks._utils import take_batches, timm_model_of, train_loader
+from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, timm_model_of, train_loader
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure, set_structure
 from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_supported, prune
 
@@ -53,7 +53,8 @@ class StructuredPruning(Callback):
         target_macs: prune until the model has at most this many MACs (the ratio is searched).
         target_params: prune until the model has at most this many parameters.
         calibration_batches: training batches whose gradients score channels for Taylor / Hessian.
-        at_epoch: 0 prunes at fit start; K > 0 prunes after K dense epochs.
+        at_epoch: 0 prunes at fit start; K > 0 prunes after K dense epochs (< ``max_epochs``; with ``max_steps``,
+            the K epochs must end before the last step).
         model_attribute: attribute of the LightningModule holding the timm model.
         loss_fn: loss of ``(logits, labels)`` for Taylor / Hessian.
     """
@@ -137,6 +138,10 @@ class StructuredPruning(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dense_backup = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_epoch and current_structure(self._model) is None:
+            check_epochs_fit_max_steps(trainer, self.at_epoch, "at_epoch", minimum=0)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed fit whose checkpoint was written after epoch at_epoch - 1 but before its end hook pruned

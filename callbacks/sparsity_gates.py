@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -11,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from pqv_lightning.callbacks._utils import take_batches, timm_model_of, train_loader
+from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, timm_model_of, train_loader
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure, set_structure
 from pqv_lightning.gates import attach_gates, fold_gates, gate_l1, gates_of, has_gates, prune_by_gates, remove_gates
 from pqv_lightning.pruning import PruningResult, apply_structure
@@ -38,8 +39,9 @@ class SparsityGates(Callback):
     Args:
         ratio: fraction of head dimensions and of MLP hidden channels removed per block, in [0, 1) (with
             ``global_pruning``: overall, one threshold over all gates, as in the paper). The embedding is kept.
-        prune_epoch: epochs trained with gates before pruning (>= 1, < ``max_epochs``).
-        l1_lambda: weight of the L1 sparsity term (>= 0; the paper's 1e-4).
+        prune_epoch: epochs trained with gates before pruning (>= 1, < ``max_epochs``; with ``max_steps``, its
+            epochs must end before the last step).
+        l1_lambda: weight of the L1 sparsity term (finite, >= 0; the paper's 1e-4).
         global_pruning: one gate threshold across all layers instead of ``ratio`` in every layer.
         round_to: round kept channel counts to a multiple.
         model_attribute: attribute of the LightningModule holding the timm model.
@@ -59,8 +61,10 @@ class SparsityGates(Callback):
             raise ValueError(f"ratio={ratio!r} is invalid; accepted: a float in [0, 1).")
         if isinstance(prune_epoch, bool) or not isinstance(prune_epoch, int) or prune_epoch < 1:
             raise ValueError(f"prune_epoch={prune_epoch!r} is invalid; accepted: an int >= 1 (epochs with gates).")
-        if isinstance(l1_lambda, bool) or not isinstance(l1_lambda, (int, float)) or not l1_lambda >= 0:
-            raise ValueError(f"l1_lambda={l1_lambda!r} is invalid; accepted: a number >= 0.")
+        if isinstance(l1_lambda, bool) or not isinstance(l1_lambda, (int, float)) or not 0 <= l1_lambda < math.inf:
+            raise ValueError(f"l1_lambda={l1_lambda!r} is invalid; accepted: a finite number >= 0.")
+        if not isinstance(global_pruning, bool):
+            raise ValueError(f"global_pruning={global_pruning!r} is invalid; accepted: True or False.")
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to={round_to!r} is invalid; accepted: None or a positive int.")
         if not isinstance(model_attribute, str) or not model_attribute.isidentifier():
@@ -89,6 +93,15 @@ class SparsityGates(Callback):
                 f"happen. Accepted: 1 <= prune_epoch < {max_epochs}."
             )
         attach_gates(self._model)  # before Lightning builds the optimizers, so they train the gates
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if current_structure(self._model) is not None:
+            return
+        try:
+            check_epochs_fit_max_steps(trainer, self.prune_epoch, "prune_epoch", minimum=1)
+        except ValueError:
+            fold_gates(self._model)  # leave the module as it came (the same function, no gate)
+            raise
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

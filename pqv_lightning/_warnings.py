@@ -21,3 +21,20 @@ def deprecations_silenced(notice: str, patterns: Sequence[tuple[type[Warning], s
         for category, message in patterns:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield
+
+
+# TorchScript and the lite interpreter are deprecated in PyTorch; they are the PQV-Mobile formats we keep.
+JIT_DEPRECATIONS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"`torch\.jit\.\w+` is deprecated"),
+    (FutureWarning, r"Lite Interpreter is deprecated"),
+    (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
+)
+
+
+def jit_deprecations_silenced() -> contextlib.AbstractContextManager[None]:
+    """Silence TorchScript / lite interpreter deprecation warnings; log one notice per process."""
+    return deprecations_silenced(
+        "TorchScript and lite export use deprecated PyTorch APIs (kept for PQV-Mobile's formats; "
+        "ExecuTorch is their successor); their deprecation warnings are silenced.",
+        JIT_DEPRECATIONS,
+    )

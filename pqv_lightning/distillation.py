@@ -1,7 +1,9 @@
 """Knowledge distillation from a frozen teacher (Hinton et al. soft targets; DeiT's hard-label distillation).
 
 The :class:`Distiller` owns the teacher as a plain Python attribute: it is never a submodule of the student's
-LightningModule, so it is not trained, not saved in the student's checkpoint and not wrapped by DDP.
+LightningModule, so it is not trained, not saved in the student's checkpoint and not wrapped by DDP. A teacher
+that exists only in memory (the dense model before pruning) is kept for resume as a side file,
+:func:`save_teacher_state` / :func:`load_teacher_state`: written once, found again by path and sha256.
 
 A training step opts in with one call, :func:`distill`, which returns the label loss unchanged while no
 distiller is attached (so the same module trains with or without distillation)::
@@ -18,12 +20,18 @@ distiller is attached (so the same module trains with or without distillation)::
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pqv_lightning._io import atomic_write_bytes
 
 __all__ = [
     "MODES",
@@ -35,7 +43,9 @@ __all__ = [
     "distillation_term",
     "frozen_copy",
     "load_teacher",
+    "load_teacher_state",
     "output_classes",
+    "save_teacher_state",
     "validate",
 ]
 
@@ -49,8 +59,12 @@ def validate(mode: str, temperature: float, alpha: float) -> None:
     """Raise ValueError naming the bad setting and the accepted values."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(map(repr, MODES))}.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} is invalid; accepted: a number > 0.")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf  # T = inf would make the soft term inf * 0 = nan
+    ):
+        raise ValueError(f"temperature={temperature!r} is invalid; accepted: a finite number > 0.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha!r} is invalid; accepted: a number in [0, 1].")
 
@@ -131,6 +145,35 @@ def load_teacher(source: str | os.PathLike, teacher_kwargs: dict[str, Any] | Non
             raise ValueError(f"teacher={path!r} (a timm name) needs teacher_kwargs={{'num_classes': <classes>}}.")
         model = create_timm_model(path, num_classes=int(num_classes), pretrained=True, **kwargs)
     return frozen_copy(model)
+
+
+def save_teacher_state(teacher: nn.Module, directory: str | os.PathLike) -> tuple[Path, str]:
+    """Write ``teacher``'s state dict to ``directory/teacher-<sha256 prefix>.pt`` atomically; return (path, sha256).
+
+    Named by its content, so runs sharing a folder never overwrite each other's teacher.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu() for key, value in teacher.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    sha256 = hashlib.sha256(data).hexdigest()
+    path = directory / f"teacher-{sha256[:16]}.pt"
+    atomic_write_bytes(path, data)
+    return path, sha256
+
+
+def load_teacher_state(path: str | os.PathLike, sha256: str) -> dict[str, torch.Tensor]:
+    """The state dict :func:`save_teacher_state` wrote, loaded with ``weights_only=True`` once its sha256 matches.
+
+    Raises FileNotFoundError when the file is missing and ValueError when its sha256 differs.
+    """
+    data = Path(path).read_bytes()  # one read: the bytes checked are the bytes loaded
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ValueError(f"{os.fspath(path)!r} has sha256 {actual}, expected {sha256}.")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class Distiller:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pqv_lightning._warnings import jit_deprecations_silenced
 from pqv_lightning.quantization import quantized_engine
 
 if TYPE_CHECKING:
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KINDS",
+    "CpuInfo",
     "LatencyStats",
     "OpTime",
     "Runner",
+    "cpu_info",
     "interleaved_latency",
     "kind_of",
     "make_runner",
@@ -228,7 +231,7 @@ def make_runner(
     threads: int = 1,
     engine: str | None = None,
 ) -> Runner:
-    """Load ``artifact`` (an ``nn.Module`` for ``"eager"``, else a file path) in its own runtime.
+    """Load ``artifact`` (an ``nn.Module`` in eval mode for ``"eager"``, else a file path) in its own runtime.
 
     ``threads`` is fixed for the runtime (see module docstring); ``engine`` is the
     ``torch.backends.quantized`` engine a torch.ao INT8 TorchScript/lite file was packed for (e.g. ``x86``).
@@ -249,14 +252,14 @@ def make_runner(
 
     if kind in ("eager", "torchscript", "lite"):
         if kind == "eager":
-            module = artifact.eval()
+            module = artifact  # pt2e-quantized graphs override eval() (returning None): callers pass eval mode
         elif kind == "torchscript":
-            with quantized_engine(engine):
+            with quantized_engine(engine), jit_deprecations_silenced():
                 module = torch.jit.load(str(artifact), map_location="cpu").eval()
         else:
             from torch.jit.mobile import _load_for_lite_interpreter
 
-            with quantized_engine(engine):
+            with quantized_engine(engine), jit_deprecations_silenced():
                 module = _load_for_lite_interpreter(str(artifact), map_location="cpu")
 
         def predict(t: Tensor) -> Tensor:
@@ -292,6 +295,52 @@ def make_runner(
     return Runner(
         kind, lambda t: method.execute([t])[0], x, threads, lambda: method.execute([x]), keep=(program, method)
     )
+
+
+# --------------------------------------------------------------------------- the machine
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """CPU model, flags and logical cores: int8 speed-ups depend on the ISA, so every figure states it."""
+
+    model: str
+    flags: frozenset[str]
+    cores: int
+
+    @property
+    def vnni(self) -> bool:
+        """AVX-512 VNNI (int8 dot products in 512-bit registers), what the INT8 speed targets assume."""
+        return "avx512_vnni" in self.flags
+
+    def isa(self) -> str:
+        return " ".join(f"{f}={'yes' if f in self.flags else 'no'}" for f in ISA_FLAGS)
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.cores} logical cores, VNNI: {'yes' if self.vnni else 'no'})"
+
+
+def cpu_info() -> CpuInfo:
+    """CPU model name and flags of the first processor in ``/proc/cpuinfo`` (``platform`` off Linux)."""
+    import platform
+
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = value
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return CpuInfo(model or platform.processor() or "unknown", frozenset(flags.split()), os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- peak memory

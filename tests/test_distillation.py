@@ -1,8 +1,13 @@
-"""KnowledgeDistillation: loss terms, teacher capture (any callback order), isolation, opt-in, bad input."""
+"""KnowledgeDistillation: loss terms, teacher capture (any callback order), isolation, opt-in, bad input, and the
+captured teacher as a side file (never in a checkpoint) that a resumed run finds, checks and distils from."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -13,13 +18,15 @@ import torch.nn.functional as F
 from pqv_lightning import ViTClassifier
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.pruning import StructuredPruning
-from pqv_lightning.distillation import distill, distillation_term, load_teacher
+from pqv_lightning.distillation import distill, distillation_term, load_teacher, load_teacher_state
 
 torch.set_num_threads(1)
 
 
-def _trainer(callbacks, **kwargs) -> pl.Trainer:
+def _trainer(callbacks, root: Path, **kwargs) -> pl.Trainer:
+    """A tiny CPU fit whose log dir (where captured teachers go) is ``root``."""
     defaults = dict(
+        default_root_dir=root,
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,
@@ -30,6 +37,41 @@ def _trainer(callbacks, **kwargs) -> pl.Trainer:
         accelerator="cpu",
     )
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def tensors_in(value) -> Iterator[torch.Tensor]:
+    """Every tensor anywhere in a (loaded) checkpoint: dict values, list / tuple items, nested at any depth."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from tensors_in(item)
+
+
+def assert_no_teacher_tensor(checkpoint: dict, teacher_state: dict[str, torch.Tensor]) -> None:
+    """No tensor of the checkpoint, at any depth, is one of the teacher's (same shape and values).
+
+    The one exception is the student's own copy of a layer pruning left alone and training has not changed yet
+    (e.g. the classifier bias right after pruning): ``state_dict["model.<name>"]``, once.
+    """
+    student = checkpoint["state_dict"]
+    rest = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    found = [(None, t) for t in tensors_in(rest)] + list(student.items())
+    assert student and all(isinstance(t, torch.Tensor) for t in student.values())
+    for name, weight in teacher_state.items():
+        clashes = [
+            key for key, t in found if key != f"model.{name}" and t.shape == weight.shape and torch.equal(t, weight)
+        ]
+        assert not clashes, f"the checkpoint holds the teacher's {name} ({clashes})"
+
+
+def assert_state_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(actual[key].cpu(), value.cpu()), key
 
 
 @pytest.mark.parametrize(
@@ -62,7 +104,7 @@ def test_soft_and_hard_terms():
 
 
 @pytest.mark.parametrize("kd_first", [True, False])
-def test_teacher_is_the_dense_model_before_pruning_in_any_order(tiny_classifier, digits, kd_first):
+def test_teacher_is_the_dense_model_before_pruning_in_any_order(tmp_path, tiny_classifier, digits, kd_first):
     dense_state = copy.deepcopy(tiny_classifier.model.state_dict())
     kd, sp = KnowledgeDistillation(), StructuredPruning(ratio=0.5)
     held: dict = {}
@@ -71,7 +113,7 @@ def test_teacher_is_the_dense_model_before_pruning_in_any_order(tiny_classifier,
         def on_train_start(self, trainer, pl_module):
             held["optimizer"] = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
 
-    trainer = _trainer([kd, sp, Probe()] if kd_first else [sp, kd, Probe()])
+    trainer = _trainer([kd, sp, Probe()] if kd_first else [sp, kd, Probe()], tmp_path)
     trainer.fit(tiny_classifier, datamodule=digits)
     teacher = kd.teacher
     assert teacher is not None and not teacher.training
@@ -83,13 +125,19 @@ def test_teacher_is_the_dense_model_before_pruning_in_any_order(tiny_classifier,
     assert all(m is not teacher for m in tiny_classifier.modules())
     checkpoint = trainer._checkpoint_connector.dump_checkpoint()
     assert set(checkpoint["state_dict"]) == set(tiny_classifier.state_dict())
+    assert_no_teacher_tensor(checkpoint, dense_state)
     assert "train/distill_term" in trainer.callback_metrics
+    # Pruned at fit start: the teacher was written once, at train start, to the run's log dir.
+    assert [f.name for f in (tmp_path / "distillation").iterdir()] == [kd.teacher_file.name]
+    assert_state_equal(
+        load_teacher_state(kd.teacher_file, checkpoint["callbacks"]["KnowledgeDistillation"]["sha256"]), dense_state
+    )
 
 
-def test_without_pruning_the_teacher_is_the_model_at_setup_and_changes_the_loss(tiny_classifier, digits):
+def test_without_pruning_the_teacher_is_the_model_at_setup_and_changes_the_loss(tmp_path, tiny_classifier, digits):
     kd = KnowledgeDistillation(mode="hard", alpha=1.0)
     initial = copy.deepcopy(tiny_classifier.model)
-    _trainer([kd]).fit(tiny_classifier, datamodule=digits)
+    _trainer([kd], tmp_path).fit(tiny_classifier, datamodule=digits)
     for a, b in zip(kd.teacher.parameters(), initial.parameters()):
         torch.testing.assert_close(a, b)
     # Attached: the module's loss is (1 - alpha) * labels + alpha * hard term; alpha=1 leaves the term only.
@@ -126,25 +174,25 @@ class _Foreign(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_a_module_that_has_not_opted_in_fails_at_setup(digits):
+def test_a_module_that_has_not_opted_in_fails_at_setup(tmp_path, digits):
     module = _Foreign(call_distill=True)
     with pytest.raises(TypeError, match="supports_distillation = True"):
-        _trainer([KnowledgeDistillation()]).fit(module, datamodule=digits)
+        _trainer([KnowledgeDistillation()], tmp_path).fit(module, datamodule=digits)
     assert module.steps == 0
 
 
-def test_a_foreign_module_opts_in_with_two_lines(digits):
+def test_a_foreign_module_opts_in_with_two_lines(tmp_path, digits):
     class OptedIn(_Foreign):
         supports_distillation = True
 
     module = OptedIn(call_distill=True)
     kd = KnowledgeDistillation()
-    _trainer([kd]).fit(module, datamodule=digits)
+    _trainer([kd], tmp_path).fit(module, datamodule=digits)
     assert module.steps == 2 and "train/distill_term" in _trainer_metrics(kd)
 
     forgot = OptedIn(call_distill=False)
     with pytest.raises(RuntimeError, match="did not call"):
-        _trainer([KnowledgeDistillation()]).fit(forgot, datamodule=digits)
+        _trainer([KnowledgeDistillation()], tmp_path).fit(forgot, datamodule=digits)
 
 
 def _trainer_metrics(kd: KnowledgeDistillation) -> dict:
@@ -153,7 +201,7 @@ def _trainer_metrics(kd: KnowledgeDistillation) -> dict:
 
 def test_teacher_from_checkpoint_and_state_dict_files(tmp_path, tiny_vit_kwargs, digits):
     teacher_module = ViTClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=tiny_vit_kwargs)
-    trainer = _trainer([])
+    trainer = _trainer([], tmp_path)
     trainer.fit(teacher_module, datamodule=digits)
     ckpt = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -175,8 +223,14 @@ def test_teacher_from_checkpoint_and_state_dict_files(tmp_path, tiny_vit_kwargs,
 
     student = ViTClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=tiny_vit_kwargs)
     kd = KnowledgeDistillation(teacher=str(ckpt), alpha=0.7)
-    _trainer([kd]).fit(student, datamodule=digits)
+    trainer = _trainer([kd], tmp_path)
+    trainer.fit(student, datamodule=digits)
     torch.testing.assert_close(kd.teacher(images), teacher_module(images))
+    # A teacher given as a file is not written again: the state names its source, plain data.
+    assert kd.teacher_file is None and not (tmp_path / "distillation").exists()
+    assert trainer._checkpoint_connector.dump_checkpoint()["callbacks"]["KnowledgeDistillation"] == {
+        "source": str(ckpt)
+    }
 
 
 def test_teacher_with_other_classes_is_rejected_at_setup(tmp_path, tiny_vit_kwargs, digits):
@@ -188,25 +242,182 @@ def test_teacher_with_other_classes_is_rejected_at_setup(tmp_path, tiny_vit_kwar
     )
     student = ViTClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=tiny_vit_kwargs)
     with pytest.raises(ValueError, match="teacher predicts 5 classes but the student 10"):
-        _trainer([kd]).fit(student, datamodule=digits)
+        _trainer([kd], tmp_path).fit(student, datamodule=digits)
 
 
-def test_resume_distils_from_the_original_teacher(tmp_path, tiny_vit_kwargs, digits):
-    def make():
-        return ViTClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=tiny_vit_kwargs)
+# ---------------------------------------------------------- the captured teacher: a side file, never in a checkpoint
+MODEL_KWARGS = {"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 2, "embed_dim": 64, "num_heads": 4}
 
-    first = make()
-    kd = KnowledgeDistillation()
-    sp = StructuredPruning(ratio=0.5, at_epoch=1)
-    trainer = _trainer([sp, kd], max_epochs=2)
-    trainer.fit(first, datamodule=digits)
-    ckpt = tmp_path / "run.ckpt"
-    trainer.save_checkpoint(ckpt)
-    teacher_state = copy.deepcopy(kd.teacher.state_dict())
 
-    kd2 = KnowledgeDistillation()
-    _trainer([StructuredPruning(ratio=0.5, at_epoch=1), kd2], max_epochs=3).fit(
-        make(), datamodule=digits, ckpt_path=ckpt
+def _student() -> ViTClassifier:
+    return ViTClassifier("vit_tiny_patch16_224", num_classes=10, model_kwargs=dict(MODEL_KWARGS))
+
+
+class StepCounter(pl.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.steps += 1
+
+
+def _prune_and_distil(root: Path, max_epochs: int = 2, ckpt_path: Path | None = None, **kd_kwargs):
+    """Prune after epoch 0 with the dense model as teacher; checkpoints after every epoch in root/checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kd, counter = KnowledgeDistillation(**kd_kwargs), StepCounter()
+    checkpoints = ModelCheckpoint(
+        dirpath=root / "checkpoints", filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False
     )
-    for key, value in kd2.teacher.state_dict().items():
-        torch.testing.assert_close(value, teacher_state[key])
+    trainer = _trainer(
+        [StructuredPruning(ratio=0.5, at_epoch=1), kd, counter, checkpoints],
+        root,
+        max_epochs=max_epochs,
+        enable_checkpointing=True,
+    )
+    module = _student()
+    trainer.fit(module, datamodule=_digits(), ckpt_path=ckpt_path)
+    return kd, trainer, counter
+
+
+def _digits():
+    from pqv_lightning.datamodules import DigitsDataModule
+
+    return DigitsDataModule(img_size=16, in_chans=1, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> dict:
+    """One pruning + distillation fit; its checkpoints, its teacher file and the dense teacher's weights."""
+    root = tmp_path_factory.mktemp("first_run")
+    kd, trainer, _ = _prune_and_distil(root)
+    return {
+        "root": root,
+        "checkpoints": sorted((root / "checkpoints").glob("e*.ckpt")),
+        "teacher": {k: v.detach().clone() for k, v in kd.teacher.state_dict().items()},
+        "file": kd.teacher_file,
+        "student_qkv": tuple(trainer.lightning_module.model.blocks[0].attn.qkv.weight.shape),
+    }
+
+
+def _record(checkpoint_path: Path) -> dict:
+    return torch.load(checkpoint_path, weights_only=True)["callbacks"]["KnowledgeDistillation"]
+
+
+def test_checkpoints_hold_no_teacher_tensor_and_the_file_holds_the_teacher(first_run):
+    teacher = first_run["teacher"]
+    assert teacher["blocks.0.attn.qkv.weight"].shape == (192, 64) and first_run["student_qkv"] == (96, 32)
+    assert [c.name for c in first_run["checkpoints"]] == ["e0.ckpt", "e1.ckpt"]
+    for path in first_run["checkpoints"]:
+        checkpoint = torch.load(path, weights_only=True)
+        assert_no_teacher_tensor(checkpoint, teacher)
+        record = checkpoint["callbacks"]["KnowledgeDistillation"]
+        assert set(record) == {"path", "relative", "sha256", "parameters", "classes"}
+        assert not any(isinstance(v, torch.Tensor) for v in record.values())
+        assert record["parameters"] == sum(v.numel() for v in teacher.values()) and record["classes"] == 10
+    # Written once (rank 0, atomically: no temp file left) under the run's log dir, named by its content.
+    file = first_run["file"]
+    assert record["path"] == str(file) and record["relative"] == f"distillation/{file.name}"
+    assert [f.name for f in (first_run["root"] / "distillation").iterdir()] == [file.name]
+    sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+    assert record["sha256"] == sha256 and file.name == f"teacher-{sha256[:16]}.pt"
+    assert_state_equal(torch.load(file, weights_only=True), teacher)
+
+
+def test_resume_distils_from_the_original_teacher_file(first_run, tmp_path):
+    """Resumed past pruning in another log dir: the recorded file is loaded, checked and used; nothing is rewritten."""
+    kd, trainer, counter = _prune_and_distil(tmp_path, max_epochs=3, ckpt_path=first_run["checkpoints"][0])
+    assert counter.steps == 2 * 2  # epochs 1 and 2
+    assert_state_equal(kd.teacher.state_dict(), first_run["teacher"])
+    assert kd.teacher_file == first_run["file"] and not (tmp_path / "distillation").exists()
+    assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
+    assert "train/distill_term" in trainer.callback_metrics
+    assert _record(tmp_path / "checkpoints" / "e2.ckpt") == _record(first_run["checkpoints"][0])
+    assert_no_teacher_tensor(torch.load(tmp_path / "checkpoints" / "e2.ckpt", weights_only=True), first_run["teacher"])
+
+
+def _checkpoint_with_record(first_run, target: Path, **changes) -> Path:
+    """A copy of the first run's e0 checkpoint at ``target`` whose teacher record has ``changes``."""
+    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    checkpoint["callbacks"]["KnowledgeDistillation"].update(changes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_missing_teacher_file_fails_before_training_and_an_explicit_teacher_resumes(first_run, tmp_path):
+    gone = tmp_path / "elsewhere" / "distillation" / first_run["file"].name
+    ckpt = _checkpoint_with_record(first_run, tmp_path / "run" / "e0.ckpt", path=str(gone))
+    with pytest.raises(FileNotFoundError) as error:
+        _prune_and_distil(tmp_path / "resume", max_epochs=3, ckpt_path=ckpt)
+    message = str(error.value)
+    assert str(gone) in message and "Restore that file" in message and "teacher=<checkpoint" in message
+    assert str(tmp_path / "run" / "distillation" / first_run["file"].name) in message  # where else it looked
+    # The way out: an explicit teacher replaces the recorded one (here the first run's last checkpoint).
+    kd, _, counter = _prune_and_distil(
+        tmp_path / "explicit", max_epochs=3, ckpt_path=ckpt, teacher=str(first_run["checkpoints"][1])
+    )
+    assert counter.steps == 4 and kd.teacher_file is None
+    assert kd.teacher.blocks[0].attn.qkv.weight.shape == first_run["student_qkv"]  # that checkpoint
+
+
+def test_changed_teacher_file_fails_before_training(first_run, tmp_path):
+    """Found next to the moved checkpoint but not the recorded bytes: refused, naming the file."""
+    run = tmp_path / "run"
+    ckpt = _checkpoint_with_record(first_run, run / "checkpoints" / "e0.ckpt", path=str(tmp_path / "gone.pt"))
+    other = run / "distillation" / first_run["file"].name
+    other.parent.mkdir()
+    torch.save({k: v + 1 for k, v in first_run["teacher"].items()}, other)
+    counter = StepCounter()
+    with pytest.raises(ValueError, match=r"teacher file .*is not the one the resumed checkpoint recorded") as error:
+        _trainer(
+            [StructuredPruning(ratio=0.5, at_epoch=1), KnowledgeDistillation(), counter], tmp_path, max_epochs=3
+        ).fit(_student(), datamodule=_digits(), ckpt_path=ckpt)
+    assert str(other) in str(error.value) and "teacher=<checkpoint" in str(error.value)
+    assert counter.steps == 0
+
+
+def test_a_moved_run_directory_still_resumes(tmp_path):
+    """The record's path is gone after a move; the file is found relative to the resumed checkpoint."""
+    kd, _, _ = _prune_and_distil(tmp_path / "run")
+    teacher = copy.deepcopy(kd.teacher.state_dict())
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    kd2, _, counter = _prune_and_distil(
+        tmp_path / "resume", 3, ckpt_path=tmp_path / "moved" / "checkpoints" / "e1.ckpt"
+    )
+    assert counter.steps == 2
+    assert kd2.teacher_file == tmp_path / "moved" / "distillation" / kd.teacher_file.name
+    assert_state_equal(kd2.teacher.state_dict(), teacher)
+
+
+def test_a_checkpoint_with_the_teacher_inline_resumes_and_moves_it_to_a_file(first_run, tmp_path):
+    """Checkpoints written before teachers became side files still resume; new checkpoints carry no teacher."""
+    ckpt = tmp_path / "old.ckpt"
+    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    checkpoint["callbacks"]["KnowledgeDistillation"] = {"teacher": first_run["teacher"]}
+    with pytest.raises(AssertionError, match="holds the teacher's"):  # what the other tests would catch
+        assert_no_teacher_tensor(checkpoint, first_run["teacher"])
+    torch.save(checkpoint, ckpt)
+    kd, _, counter = _prune_and_distil(tmp_path / "resume", max_epochs=3, ckpt_path=ckpt)
+    assert counter.steps == 4
+    assert_state_equal(kd.teacher.state_dict(), first_run["teacher"])
+    assert kd.teacher_file.parent == tmp_path / "resume" / "distillation"
+    assert_state_equal(torch.load(kd.teacher_file, weights_only=True), first_run["teacher"])
+    assert_no_teacher_tensor(
+        torch.load(tmp_path / "resume" / "checkpoints" / "e2.ckpt", weights_only=True), first_run["teacher"]
+    )
+
+
+def test_a_pruned_checkpoint_without_a_teacher_record_fails_before_training(first_run, tmp_path):
+    """Resumed past pruning from a run without distillation: the dense model is gone, so no silent no-op."""
+    ckpt = tmp_path / "no_kd.ckpt"
+    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    del checkpoint["callbacks"]["KnowledgeDistillation"]
+    torch.save(checkpoint, ckpt)
+    counter = StepCounter()
+    trainer = _trainer(
+        [StructuredPruning(ratio=0.5, at_epoch=1), KnowledgeDistillation(), counter], tmp_path, max_epochs=3
+    )
+    with pytest.raises(ValueError, match=r"already pruned but records no teacher.*teacher=<checkpoint"):
+        trainer.fit(_student(), datamodule=_digits(), ckpt_path=ckpt)
+    assert counter.steps == 0 and not (tmp_path / "distillation").exists()

@@ -180,3 +180,14 @@ def test_measure_artifacts_adds_latency_and_memory(records):
         assert row["threads"] == 1 and row["batch"] == 1 and row["throughput_ips"] > 0
         assert row["peak_rss_bytes"] > row["runtime_baseline_rss_bytes"] > 0
     assert "latency" not in rows[3]
+
+
+def test_cpu_info_reads_model_flags_and_vnni():
+    from pqv_lightning.measure import CpuInfo, cpu_info
+
+    info = cpu_info()
+    assert info.model and info.cores >= 1
+    assert f"VNNI: {'yes' if info.vnni else 'no'}" in info.describe()
+    fake = CpuInfo("Test CPU", frozenset({"avx2", "avx512_vnni"}), 4)
+    assert fake.vnni and "avx512_vnni=yes" in fake.isa() and "amx_int8=no" in fake.isa()
+    assert not CpuInfo("Old CPU", frozenset({"avx2"}), 2).vnni

@@ -132,6 +132,23 @@ def test_at_epoch_not_before_max_epochs_fails_before_training(tmp_path, tiny_vit
     assert probe.steps == [] and current_structure(module.model) is None
 
 
+def test_at_epoch_beyond_max_steps_fails_before_the_first_step(tmp_path, tiny_vit_kwargs, digits):
+    """Limited by ``max_steps`` only (3 steps an epoch here), epoch 2 ends at the last step: refused before training."""
+    module = classifier(tiny_vit_kwargs)
+    probe = Probe()
+    trainer = make_trainer(tmp_path, callbacks=[StructuredPruning(at_epoch=2), probe], max_epochs=None, max_steps=6)
+    message = (
+        r"at_epoch=2 needs 6 training steps \(3 an epoch\).*max_steps=6.*Accepted: 0 <= at_epoch <= 1, or max_steps > 6"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, datamodule=digits)
+    assert probe.steps == [] and current_structure(module.model) is None
+    # One more step leaves a step of finetuning after pruning: accepted, and it prunes.
+    trainer = make_trainer(tmp_path, callbacks=[StructuredPruning(at_epoch=2), probe], max_epochs=None, max_steps=7)
+    trainer.fit(module, datamodule=digits)
+    assert trainer.global_step == 7 and [s["pruned"] for s in probe.steps] == [False] * 6 + [True]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

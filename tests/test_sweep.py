@@ -1,0 +1,140 @@
+"""``pqv-sweep``: the grid, its validation before any training, the combined table and plots, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pqv_lightning.sweep as sweep
+from pqv_lightning.sweep import SWEEP_PLOTS, grid, load_spec, main, run_sweep
+
+TINY_RECIPE = {
+    "model": {
+        "class_path": "pqv_lightning.ViTClassifier",
+        "init_args": {
+            "model_name": "vit_tiny_patch16_224",
+            "num_classes": 10,
+            "model_kwargs": {
+                "img_size": 16,
+                "patch_size": 4,
+                "in_chans": 1,
+                "depth": 2,
+                "embed_dim": 64,
+                "num_heads": 2,
+                "global_pool": "avg",
+            },
+            "lr": 3.0e-3,
+            "warmup_epochs": 0,
+        },
+    },
+    "data": {
+        "class_path": "pqv_lightning.datamodules.DigitsDataModule",
+        "init_args": {"img_size": 16, "in_chans": 1, "batch_size": 128},
+    },
+}
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump(TINY_RECIPE))
+    doc = {
+        "base": str(base),
+        "output_dir": str(tmp_path / "out"),
+        "dense_epochs": 1,
+        "finetune_epochs": 1,
+        "ratios": [0.0, 0.5],
+        "importances": ["l2"],
+        "distillation": None,
+        "quantization": ["int8_dynamic:x86"],
+        "export": {"formats": ["torchscript", "onnx"], "onnx_precisions": ["fp32", "int8"]},
+        "report": {"threads": 1, "warmup": 1, "runs": 3, "batch": 4, "memory": False},
+        "calibration_batches": 1,
+        **changes,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_grid_has_one_unpruned_point_and_every_ratio_criterion_pair(tmp_path):
+    spec = load_spec(_config(tmp_path, ratios=[0.0, 0.25, 0.5], importances=["l1", "taylor"]))
+    assert [p[0] for p in grid(spec)] == ["dense", "r0.25_l1", "r0.25_taylor", "r0.5_l1", "r0.5_taylor"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"ratios": [0.0, 1.0]}, r"ratio 1.0 in ratios is invalid; accepted: a number in \[0, 1\)"),
+        ({"ratios": []}, r"ratios=\[\] is invalid"),
+        ({"importances": ["l3"]}, r"l3"),
+        ({"importances": []}, r"importances=\[\] is invalid"),
+        ({"quantization": ["int9:x86"]}, r"int9"),
+        ({"export": {"formats": ["tflite"]}}, r"unknown export format 'tflite'; accepted: torchscript"),
+        ({"report": {"threads": 0}}, r"threads=0 is invalid"),
+        ({"report": {"colour": "red"}}, r"report keys \['colour'\] are invalid; accepted: threads"),
+        ({"distillation": {"temperature": -1.0}}, r"temperature"),
+        ({"dense_epochs": 0}, r"dense_epochs=0 is invalid; accepted: an int >= 1"),
+        ({"base": "/nonexistent/recipe.yaml"}, r"no such recipe file"),
+        ({"epochs": 3}, r"unknown sweep keys \['epochs'\]"),
+    ],
+)
+def test_bad_specs_are_refused_before_anything_trains(tmp_path, changes, match, monkeypatch):
+    monkeypatch.setattr(sweep, "_dense_weights", pytest.fail)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_spec(_config(tmp_path, **changes))
+
+
+def test_cli_reports_a_bad_spec_as_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(_config(tmp_path, ratios=[2.0])), "--no-progress"])
+    assert exc.value.code == 2 and "ratio 2.0 in ratios is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_writes_table_and_plots_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    spec = load_spec(config)
+    out = Path(spec.output_dir)
+    real_run_point = sweep._run_point
+    calls: list[str] = []
+
+    def interrupted(spec, recipe, dense, point, out, bar):
+        calls.append(point[0])
+        if point[0] == "r0.5_l2":
+            raise KeyboardInterrupt  # the sweep is stopped during its second point
+        return real_run_point(spec, recipe, dense, point, out, bar)
+
+    monkeypatch.setattr(sweep, "_run_point", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, progress=False)
+    assert calls == ["dense", "r0.5_l2"]
+    assert (out / "points" / "dense" / "result.json").is_file() and (out / "dense.pt").is_file()
+    assert not (out / "points" / "r0.5_l2" / "result.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(sweep, "_run_point", lambda *a: calls.append(a[3][0]) or real_run_point(*a))
+    monkeypatch.setattr(sweep, "_dense_weights", lambda spec, recipe, out, bar: __import__("torch").load(
+        out / "dense.pt", weights_only=True))  # fmt: skip
+    assert main(["--config", str(config), "--no-progress"]) == 0
+    assert calls == ["r0.5_l2"]  # the finished point is not run again
+
+    doc = json.loads((out / "sweep.json").read_text())
+    points = {p["id"]: p for p in doc["points"]}
+    assert set(points) == {"dense", "r0.5_l2"} and doc["plot_errors"] == {}
+    dense, pruned = (next(v for v in points[k]["variants"] if v["name"] == "float fp32 eager" or
+                          v["name"] == "pruned fp32 eager") for k in ("dense", "r0.5_l2"))  # fmt: skip
+    assert pruned["params"] < dense["params"] and pruned["macs"] < dense["macs"]
+    assert points["r0.5_l2"]["pruning"]["params_after"] == pruned["params"]
+    for point in points.values():
+        names = {v["name"] for v in point["variants"] if v.get("latency")}
+        assert {"int8_dynamic_x86 eager", "torchscript-fp32", "onnx-fp32", "onnx-int8"} <= names
+    text = (out / "sweep.md").read_text()
+    assert "| dense | 0 | - |" in text and "| r0.5_l2 | 50 | l2 |" in text
+    for name in SWEEP_PLOTS:
+        assert (out / f"{name}.png").stat().st_size > 10_000
+
+    with pytest.raises(ValueError, match="another spec"):
+        run_sweep(load_spec(_config(tmp_path, finetune_epochs=2)), progress=False)
