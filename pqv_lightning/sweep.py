@@ -361,8 +361,13 @@ def _run_points(
 # --------------------------------------------------------------------------- combined table and plots
 
 
+def _key(name: str) -> str:
+    """A variant's name across grid points: the eager float model is "float ..." unpruned, "pruned ..." pruned."""
+    return name.removeprefix("pruned ").removeprefix("float ")
+
+
 def _variant(result: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((v for v in result["variants"] if v["name"] == name), None)
+    return next((v for v in result["variants"] if _key(v["name"]) == name), None)
 
 
 def _ms(v: dict[str, Any] | None) -> float | None:
@@ -373,7 +378,7 @@ def _measured_names(results: Sequence[dict[str, Any]]) -> list[str]:
     """Variant names measured in every grid point (the same set of backends across the sweep)."""
     names: list[str] | None = None
     for r in results:
-        here = [v["name"] for v in r["variants"] if v.get("latency") is not None]
+        here = [_key(v["name"]) for v in r["variants"] if v.get("latency") is not None]
         names = here if names is None else [n for n in names if n in here]
     return names or []
 
@@ -458,32 +463,36 @@ def _by_criterion(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str,
 def _plot_latency_memory(results: Sequence[dict[str, Any]], names: list[str]):
     """PQV-Mobile figure 2: latency and memory against the pruning ratio (first criterion; latency hardly
     depends on the criterion under uniform pruning)."""
-    fig, (ax_lat, ax_mem) = _figure(11, 4.5, ncols=2)
+    from matplotlib import colormaps
+
+    fig, (ax_lat, ax_mem) = _figure(12, 7.5, ncols=2)
     criterion, line = next(iter(_by_criterion(results).items()))
     ratios = [r["ratio"] * 100 for r in line]
-    for name in names:
-        ax_lat.plot(ratios, [_ms(_variant(r, name)) for r in line], marker="o", label=name.removeprefix("model_"))
+    colors = colormaps["tab20"]
+    for i, name in enumerate(names):
+        ax_lat.plot(ratios, [_ms(_variant(r, name)) for r in line], marker="o", color=colors(i % 20), label=name)
     ax_lat.set_yscale("log")
     _plain_ticks(ax_lat.yaxis)
     ax_lat.set_xlabel("channels pruned (%)")
     ax_lat.set_ylabel("latency per image, batch 1 (ms, median)")
     ax_lat.set_title(f"Latency vs pruning ({criterion})", fontsize=10)
-    ax_lat.legend(fontsize=6, ncol=2)
+    ax_lat.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax_lat.grid(True, which="both", alpha=0.3)
     files = [n for n in names if any((_variant(r, n) or {}).get("peak_rss_bytes") for r in line)]
     for name in files:
         rss = [(_variant(r, name) or {}).get("peak_rss_bytes") for r in line]
         base = [(_variant(r, name) or {}).get("runtime_rss_bytes") for r in line]
         model_share = [None if a is None or b is None else (a - b) / 2**20 for a, b in zip(rss, base, strict=True)]
-        ax_mem.plot(ratios, model_share, marker="o", label=f"{name.removeprefix('model_')} (peak RSS - runtime)")
-    for name in files:
+        color = colors(names.index(name) % 20)
+        ax_mem.plot(ratios, model_share, marker="o", color=color, label=f"{name}: peak RSS - runtime")
         sizes = [(_variant(r, name) or {}).get("size_bytes") for r in line]
-        ax_mem.plot(ratios, [s / 2**20 if s else None for s in sizes], marker="x", linestyle=":", label=f"{name} file")
+        sizes_mib = [s / 2**20 if s else None for s in sizes]
+        ax_mem.plot(ratios, sizes_mib, marker="x", linestyle=":", color=color, label=f"{name}: file")
     ax_mem.set_xlabel("channels pruned (%)")
     ax_mem.set_ylabel("memory (MiB)")
     ax_mem.set_title("Memory vs pruning: model's share of peak RSS (solid), file size (dotted)", fontsize=9)
     if files:
-        ax_mem.legend(fontsize=5.5, ncol=2)
+        ax_mem.legend(fontsize=5.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     else:
         ax_mem.text(0.5, 0.5, "memory not measured (report.memory: false)", ha="center", transform=ax_mem.transAxes)
     ax_mem.grid(True, alpha=0.3)
