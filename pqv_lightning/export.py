@@ -18,7 +18,6 @@ import contextlib
 import copy
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pqv_lightning._io import atomic_write, atomic_write_bytes, write_json
 from pqv_lightning._warnings import deprecations_silenced
 from pqv_lightning.quantization import quantized_engine
 
@@ -210,24 +210,6 @@ def _error(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     msg = " | ".join(lines[:3])
     return f"{type(e).__name__}: {msg[:600]}"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temp file in ``path``'s folder, then move it into place (no half-written file
-    is ever visible under ``path``)."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _sha256(path: Path) -> str:
@@ -492,7 +474,7 @@ def _export_torchscript_family(
             def build_pt(path: Path, extra: dict, script_once: Callable = script_once, engine=engine) -> None:
                 with engine():
                     sm = script_once(extra)
-                    _atomic_write(path, lambda tmp: torch.jit.save(sm, str(tmp)))
+                    atomic_write(path, lambda tmp: torch.jit.save(sm, str(tmp)))
 
             def load_pt(path: Path, wrap=wrap, engine=engine) -> Callable[[Tensor], Tensor]:
                 with engine():
@@ -536,7 +518,7 @@ def _export_torchscript_family(
                             traced = _to_torchscript(module, ex.example_input, {}, use_script=False)
                             mobile(traced)._save_for_lite_interpreter(str(tmp))
 
-                    _atomic_write(path, write)
+                    atomic_write(path, write)
 
             def load_ptl(path: Path, wrap=wrap, engine=engine) -> Callable[[Tensor], Tensor]:
                 with engine():
@@ -562,7 +544,7 @@ def _export_executorch(
             result = export_pte(model, ex.example_input, precision=precision, calibration=calibration)
             extra["delegated_nodes"] = int(result.delegated_nodes)
             extra["outside_ops"] = dict(result.outside_ops)
-            _atomic_write_bytes(path, bytes(result.buffer))
+            atomic_write_bytes(path, bytes(result.buffer))
 
         def load(path: Path) -> Callable[[Tensor], Tensor]:
             from pqv_lightning.executorch_lowering import run_pte
@@ -867,7 +849,7 @@ def _export_onnx(
 
     def build_fp32(path: Path, extra: dict) -> None:
         proto = fp32_proto(extra)
-        _atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
+        atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
 
     if "fp32" in precisions:
         ex.produce("onnx-fp32", "onnx", "fp32", "onnxruntime-cpu", "fp32.onnx", build_fp32, _ort_session)
@@ -920,7 +902,7 @@ def _export_onnx(
                 per_channel=per_channel,
                 reduce_range=reduce_range,
             )
-            _atomic_write(
+            atomic_write(
                 path,
                 lambda tmp: quantize_dynamic(
                     str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
@@ -942,7 +924,7 @@ def _export_onnx(
                 per_channel=per_channel,
                 reduce_range=reduce_range,
             )
-            _atomic_write(
+            atomic_write(
                 path,
                 lambda tmp: quantize_static(
                     str(src), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -1042,16 +1024,6 @@ def export_artifacts(
     return ex.records
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_manifest(records: Sequence[ArtifactRecord], path: str | os.PathLike, meta: dict) -> None:
     """Write the records as JSON, atomically. Artifact paths inside the manifest's folder are stored relative
     to it, so the folder can be moved as a whole."""
@@ -1071,8 +1043,7 @@ def write_manifest(records: Sequence[ArtifactRecord], path: str | os.PathLike, m
         "environment": _environment(),
         "artifacts": rows,
     }
-    text = json.dumps(_json_safe(doc), indent=2, allow_nan=False, default=str)
-    _atomic_write_bytes(path, (text + "\n").encode())
+    write_json(path, doc)
 
 
 def _environment() -> dict[str, str]:

@@ -30,6 +30,7 @@ from pqv_lightning.measure import (
     FILE_KINDS,
     LatencyStats,
     OpTime,
+    _record_engine,
     cpu_info,
     interleaved_latency,
     make_runner,
@@ -160,11 +161,6 @@ def _count(model: nn.Module, example_input: Tensor) -> tuple[int | None, int | N
     except Exception:  # an exotic module torch-pruning cannot trace: parameters still count
         return None, sum(p.numel() for p in model.parameters())
     return macs, params
-
-
-def _record_engine(record: ArtifactRecord) -> str | None:
-    legacy = ("x86", "fbgemm", "qnnpack", "onednn")
-    return record.backend if record.format in ("torchscript", "lite") and record.backend in legacy else None
 
 
 def _batched(x: Tensor, batch: int) -> Tensor:

@@ -13,6 +13,7 @@ import timm
 import torch
 
 from pqv_lightning import export as ex
+from pqv_lightning._io import atomic_write
 from pqv_lightning.quantization import QuantizationTarget, QuantizedModel, quantize
 
 BATCH = 8  # export batch; the 540 held-out images leave a short last piece, so padding is exercised
@@ -298,7 +299,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ex._atomic_write(target, half_write)
+        atomic_write(target, half_write)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
