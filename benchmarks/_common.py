@@ -2,9 +2,9 @@
 timing of each variant in its own fresh process.
 
 In-process timing is the library's (:func:`pqv_lightning.measure.interleaved_latency`, round-robin so that load
-from other processes hits every variant alike). :func:`interleaved_process_latency` times every variant in a fresh
-Python process instead (several alternating rounds), so that no runtime's thread pool, allocator or import side
-effects can slow another one down.
+from other processes hits every variant alike). :func:`interleaved_process_latency` times every variant in its
+own Python process instead (a :class:`TimingWorker`, many short alternating rounds), so that no runtime's thread
+pool, allocator or import side effects can slow another one down.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -26,7 +29,9 @@ __all__ = [
     "CpuInfo",
     "LatencyStats",
     "ProcessLatency",
+    "TimingWorker",
     "Variant",
+    "busy_cores",
     "cpu_family",
     "cpu_info",
     "fix_threads",
@@ -35,7 +40,6 @@ __all__ = [
     "interleaved_process_latency",
     "load_average",
     "ratio",
-    "time_in_fresh_process",
 ]
 
 
@@ -62,6 +66,26 @@ def fix_threads(threads: int) -> dict[str, int]:
 def load_average() -> str:
     """The 1/5/15-minute load averages, as printed by every benchmark."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def busy_cores(seconds: float = 2.0) -> float | None:
+    """How many cores other processes keep busy, measured from ``/proc/stat`` while this one sleeps for
+    ``seconds`` (the load average would count this benchmark's own export work of the last minutes);
+    None where ``/proc/stat`` is unavailable."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
 
 
 def header(threads: int) -> str:
@@ -127,11 +151,13 @@ class Variant:
             raise ValueError("an 'eager' variant needs model= (a timm model name) and path= (its state_dict file)")
 
 
-# Runs in a fresh interpreter and imports only what its runtime needs (onnxruntime children never import
-# torch). Prints one line "PQV_TIMING <json>" with the per-call wall-clock and process CPU times in ms.
+# Runs in its own interpreter and imports only what its runtime needs (onnxruntime workers never import torch).
+# Loads the variant, runs the warm-up calls, prints "PQV_READY", then serves batches: for each line "<n>" on
+# stdin it runs one untimed call (caches are cold after the other workers ran) and n timed calls, and prints
+# one line "PQV_TIMING <json>" with the per-call wall-clock and process CPU times in ms. EOF ends it.
 _CHILD = r"""
 import json, os, sys, time
-spec, shape, threads, warmup, runs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), *map(int, sys.argv[3:6])
+spec, shape, threads, warmup = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 kind = spec["kind"]
 if kind == "onnx":
     import numpy as np
@@ -183,56 +209,115 @@ else:
                 return module(x)
 for _ in range(warmup):
     run()
-wall, cpu = [], []
-for _ in range(runs):
-    c0, t0 = time.process_time(), time.perf_counter()
+print("PQV_READY", flush=True)
+for line in sys.stdin:
+    runs = int(line)
     run()
-    wall.append((time.perf_counter() - t0) * 1e3)
-    cpu.append((time.process_time() - c0) * 1e3)
-print("PQV_TIMING " + json.dumps({"wall_ms": wall, "cpu_ms": cpu}))
+    wall, cpu = [], []
+    for _ in range(runs):
+        c0, t0 = time.process_time(), time.perf_counter()
+        run()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    print("PQV_TIMING " + json.dumps({"wall_ms": wall, "cpu_ms": cpu}), flush=True)
 """
 
 
-def time_in_fresh_process(
-    variant: Variant,
-    input_shape: list[int],
-    threads: int,
-    warmup: int,
-    runs: int,
-    timeout: float = 600,
-    env: dict[str, str] | None = None,
-) -> tuple[list[float], list[float]]:
-    """Per-call wall-clock and process-CPU milliseconds of ``runs`` calls after ``warmup`` in a new process
-    (environment: this one's, ``OMP_NUM_THREADS=threads``, then ``env``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
-    args = [sys.executable, "-c", _CHILD, json.dumps(asdict(variant)), json.dumps([int(s) for s in input_shape])]
-    proc = subprocess.run(
-        [*args, str(threads), str(warmup), str(runs)], capture_output=True, text=True, env=env, timeout=timeout
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("PQV_TIMING "):
-            result = json.loads(line.split(" ", 1)[1])
-            return result["wall_ms"], result["cpu_ms"]
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    raise RuntimeError(f"timing child for {variant.kind} {variant.path} failed (rc {proc.returncode}): {tail}")
+class TimingWorker:
+    """One variant loaded in its own Python process (environment: this one's, ``OMP_NUM_THREADS=threads``,
+    then ``env``), warmed up with ``warmup`` calls, then timed batch by batch with :meth:`time`.
+
+    Keeping the process between batches lets many short, alternating rounds sample the machine's slow and
+    quiet periods alike at the cost of one model load per variant; between batches it blocks on its stdin,
+    so it uses no CPU while the others are timed. Use it as a context manager (the process is ended on exit).
+    """
+
+    def __init__(
+        self,
+        variant: Variant,
+        input_shape: list[int],
+        threads: int,
+        warmup: int,
+        env: dict[str, str] | None = None,
+        timeout: float = 600,
+    ) -> None:
+        self.variant, self.timeout = variant, timeout
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
+        # stderr to a file, not a pipe: a chatty runtime cannot block; closed in __exit__
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        args = [json.dumps(asdict(variant)), json.dumps([int(s) for s in input_shape]), str(threads), str(warmup)]
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, bufsize=1,
+        )  # fmt: skip
+        self._read("PQV_READY")
+
+    def _read(self, tag: str) -> str:
+        """The rest of the next stdout line starting with ``tag``; a worker silent for ``timeout`` s is killed."""
+        watchdog = threading.Timer(self.timeout, self._proc.kill)
+        watchdog.start()
+        try:
+            for line in self._proc.stdout:
+                if line.startswith(tag):
+                    return line[len(tag) :].strip()
+        finally:
+            watchdog.cancel()
+        self.close()
+        self._stderr.seek(0)
+        tail = self._stderr.read().strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"timing worker for {self.variant.kind} {self.variant.path} failed (rc {self._proc.returncode}): {tail}"
+        )
+
+    def time(self, runs: int) -> tuple[list[float], list[float]]:
+        """Per-call wall-clock and process-CPU milliseconds of ``runs`` calls (after one untimed call)."""
+        with contextlib.suppress(BrokenPipeError):  # a dead worker is reported by _read, with its stderr
+            self._proc.stdin.write(f"{runs}\n")
+        result = json.loads(self._read("PQV_TIMING"))
+        return result["wall_ms"], result["cpu_ms"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> TimingWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        self._stderr.close()
 
 
 @dataclass(frozen=True)
 class ProcessLatency:
-    """Wall-clock latency pooled over all rounds, the median process CPU time per call (all threads; less
-    sensitive to other load than wall-clock), and each round's wall-clock median."""
+    """Latency of one variant over alternating rounds: the wall-clock samples of all rounds pooled, the median
+    process CPU time per call (all threads; less sensitive to other load than wall-clock), and each round's
+    wall-clock median.
 
-    stats: LatencyStats
+    ``median_ms`` is the median of the quietest round (the smallest round median): on a shared machine whose
+    speed drifts for tens of seconds at a time (measured here: the same process at 14 ms per call, then 19 ms
+    for a minute, with twice the CPU time per call), it estimates the latency on an undisturbed machine and is
+    what two runs reproduce; ``pooled`` shows what the slow periods did to the rest. With several processes per
+    variant, the quietest round is also the fastest process's.
+    """
+
+    pooled: LatencyStats
     cpu_median_ms: float
     round_medians_ms: tuple[float, ...]
 
     @property
     def median_ms(self) -> float:
-        return self.stats.median_ms
+        return min(self.round_medians_ms)
 
     @property
     def p90_ms(self) -> float:
-        return self.stats.p90_ms
+        return self.pooled.p90_ms
 
 
 def interleaved_process_latency(
@@ -245,16 +330,24 @@ def interleaved_process_latency(
     progress: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
     failures: dict[str, str] | None = None,
+    processes: int = 1,
+    pause_s: float = 0.05,
 ) -> dict[str, ProcessLatency]:
-    """Time every variant in ``rounds`` alternating rounds, each round one fresh process per variant running
-    ``warmup`` untimed and ``ceil(runs / rounds)`` timed calls; the starting variant rotates every round.
-    ``env`` is added to every timing process's environment. With a ``failures`` dict, a variant whose
-    process fails is dropped (the reason stored there under its label) instead of ending the whole run."""
+    """Time every variant in ``rounds`` alternating rounds of ``ceil(runs / rounds)`` calls each, every variant
+    in its own :class:`TimingWorker` (loaded one after another, so no load overlaps timing; ``warmup`` calls
+    first). The rounds are split over ``processes`` successive sets of fresh workers, because some runtimes run
+    at a different speed in different processes of the same file (measured here: torch.ao INT8 through fbgemm
+    at 13 or 23 ms per call, whole process lifetimes long). The starting variant rotates every round and each
+    batch follows a ``pause_s`` pause in which the previous worker's idle thread pool goes to sleep. ``env`` is
+    added to every worker's environment. With a ``failures`` dict, a variant whose worker fails is dropped (the
+    reason stored there under its label) instead of ending the whole run."""
     if not variants:
         raise ValueError("variants is empty: nothing to time")
-    for name, value in (("threads", threads), ("runs", runs), ("rounds", rounds)):
+    for name, value in (("threads", threads), ("runs", runs), ("rounds", rounds), ("processes", processes)):
         if value < 1:
             raise ValueError(f"{name}={value!r} is invalid; accepted: an int >= 1")
+    if processes > rounds:
+        raise ValueError(f"processes={processes} is invalid for rounds={rounds}; accepted: 1 <= processes <= rounds")
     if warmup < 0:
         raise ValueError(f"warmup={warmup!r} is invalid; accepted: an int >= 0")
     per_round = -(-runs // rounds)
@@ -262,25 +355,46 @@ def interleaved_process_latency(
     wall: dict[str, list[float]] = {lab: [] for lab in labels}
     cpu: dict[str, list[float]] = {lab: [] for lab in labels}
     medians: dict[str, list[float]] = {lab: [] for lab in labels}
-    for r in range(rounds):
-        shift = r % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            if failures is not None and label in failures:
-                continue
-            try:
-                w, c = time_in_fresh_process(variants[label], input_shape, threads, warmup, per_round, env=env)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                if failures is None:
-                    raise
-                failures[label] = str(e)
-                continue
-            wall[label] += w
-            cpu[label] += c
-            medians[label].append(statistics.median(w))
-        if progress is not None:
-            progress(f"round {r + 1}/{rounds} done (load {load_average()})")
+
+    def failed(label: str, error: Exception) -> None:
+        if failures is None:
+            raise error
+        failures[label] = str(error)
+
+    def alive(label: str) -> bool:
+        return failures is None or label not in failures
+
+    bounds = [rounds * g // processes for g in range(processes + 1)]
+    for g in range(processes):
+        with contextlib.ExitStack() as stack:
+            workers: dict[str, TimingWorker] = {}
+            for label in filter(alive, labels):
+                try:
+                    workers[label] = stack.enter_context(
+                        TimingWorker(variants[label], input_shape, threads, warmup, env)
+                    )
+                except RuntimeError as e:
+                    failed(label, e)
+            if progress is not None:
+                progress(f"process set {g + 1}/{processes}: {len(workers)} workers loaded (load {load_average()})")
+            for r in range(bounds[g], bounds[g + 1]):
+                shift = r % len(labels)
+                for label in labels[shift:] + labels[:shift]:
+                    if label not in workers or not alive(label):
+                        continue
+                    time.sleep(pause_s)
+                    try:
+                        w, c = workers[label].time(per_round)
+                    except (RuntimeError, ValueError) as e:
+                        failed(label, e)
+                        continue
+                    wall[label] += w
+                    cpu[label] += c
+                    medians[label].append(statistics.median(w))
+            if progress is not None:
+                progress(f"round {bounds[g + 1]}/{rounds} done (load {load_average()})")
     return {
         lab: ProcessLatency(LatencyStats.from_samples(wall[lab]), statistics.median(cpu[lab]), tuple(medians[lab]))
         for lab in labels
-        if failures is None or lab not in failures
+        if medians[lab] and alive(lab)
     }
