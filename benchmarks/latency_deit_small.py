@@ -1,6 +1,6 @@
 """Headline latency: DeiT-Small at 224 px, batch 1, every runtime on the same fixed thread count.
 
-Run: ``python benchmarks/latency_deit_small.py [--threads 2] [--runs 144] [--rounds 24] [--processes 4]
+Run: ``python benchmarks/latency_deit_small.py [--threads 2] [--runs 144] [--rounds 24] [--processes 6]
 [--warmup 5] [--skip-pruned] [--repeat] [--ort-spinning on|off]``.
 
 Every variant is loaded in its own Python process (only its runtime imported, threads fixed) and timed in
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls after loading each variant")
-    parser.add_argument("--processes", type=int, default=4, help="fresh processes per variant per pass")
+    parser.add_argument("--processes", type=int, default=6, help="fresh processes per variant per pass")
     parser.add_argument("--runs", type=int, default=144, help="timed calls per variant per pass, over all rounds")
     parser.add_argument("--rounds", type=int, default=24, help="alternating rounds per pass (one batch per variant)")
     parser.add_argument("--val-images", type=int, default=64, help="random images each artifact is verified on")
