@@ -380,12 +380,13 @@ def interleaved_process_latency(
             for r in range(bounds[g], bounds[g + 1]):
                 shift = r % len(labels)
                 for label in labels[shift:] + labels[:shift]:
-                    if label not in workers or not alive(label):
+                    if label not in workers:  # failed to load, or to time in an earlier round
                         continue
                     time.sleep(pause_s)
                     try:
                         w, c = workers[label].time(per_round)
                     except (RuntimeError, ValueError) as e:
+                        del workers[label]  # the exit stack still ends its process
                         failed(label, e)
                         continue
                     wall[label] += w
