@@ -14,16 +14,17 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
+from pqv_lightning.export.probe import READY_TAG, SERVE_KINDS, TIMING_TAG, serve_command
 from pqv_lightning.measure import CpuInfo, LatencyStats, cpu_info, interleaved_latency, set_threads
+from pqv_lightning.utils.checks import check_choice, check_int, invalid
 
 __all__ = [
     "CpuInfo",
@@ -122,7 +123,7 @@ def ratio(reference: LatencyStats | None, candidate: LatencyStats | None) -> flo
 
 # --------------------------------------------------------------------------- fresh-process timing
 
-CHILD_KINDS = ("eager", "torchscript", "lite", "onnx", "executorch")
+CHILD_KINDS = SERVE_KINDS
 
 
 @dataclass(frozen=True)
@@ -145,87 +146,18 @@ class Variant:
     ort_spinning: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind not in CHILD_KINDS:
-            raise ValueError(f"unknown variant kind {self.kind!r}; accepted: {', '.join(CHILD_KINDS)}")
+        check_choice("kind", self.kind, CHILD_KINDS)
         if self.kind == "eager" and not self.model:
-            raise ValueError("an 'eager' variant needs model= (a timm model name) and path= (its state_dict file)")
-
-
-# Runs in its own interpreter and imports only what its runtime needs (onnxruntime workers never import torch).
-# Loads the variant, runs the warm-up calls, prints "PQV_READY", then serves batches: for each line "<n>" on
-# stdin it runs one untimed call (caches are cold after the other workers ran) and n timed calls, and prints
-# one line "PQV_TIMING <json>" with the per-call wall-clock and process CPU times in ms. EOF ends it.
-_CHILD = r"""
-import json, os, sys, time
-spec, shape, threads, warmup = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-kind = spec["kind"]
-if kind == "onnx":
-    import numpy as np
-    import onnxruntime as ort
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if not spec["ort_spinning"]:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(spec["path"], sess_options=opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    run = lambda: sess.run(None, feed)
-else:
-    import torch
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    if kind == "executorch":
-        # the extension module itself: executorch.runtime would also import executorch.exir (seconds)
-        from executorch.extension.pybindings import _C
-        _C._unsafe_reset_threadpool(threads)
-        with open(spec["path"], "rb") as f:
-            data = f.read()
-        program = _C._load_program_from_buffer(data, enable_etdump=False, debug_buffer_size=0,
-                                               program_verification=_C.Verification.InternalConsistency,
-                                               data_path=None)
-        method = program.load_method("forward")
-        run = lambda: method([x])
-    else:
-        if spec["engine"]:
-            torch.backends.quantized.engine = spec["engine"]
-        if kind == "eager":
-            import timm
-            module = timm.create_model(spec["model"], pretrained=False, **spec["model_kwargs"])
-            if spec["structure"]:
-                from pqv_lightning.pruning import apply_structure
-                with open(spec["structure"]) as f:
-                    apply_structure(module, json.load(f))
-            module.load_state_dict(torch.load(spec["path"], map_location="cpu", weights_only=True))
-            module.eval()
-        elif kind == "lite":
-            from torch.jit.mobile import _load_for_lite_interpreter
-            module = _load_for_lite_interpreter(spec["path"], map_location="cpu")
-        else:
-            module = torch.jit.load(spec["path"], map_location="cpu").eval()
-        def run():
-            with torch.inference_mode():
-                return module(x)
-for _ in range(warmup):
-    run()
-print("PQV_READY", flush=True)
-for line in sys.stdin:
-    runs = int(line)
-    run()
-    wall, cpu = [], []
-    for _ in range(runs):
-        c0, t0 = time.process_time(), time.perf_counter()
-        run()
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    print("PQV_TIMING " + json.dumps({"wall_ms": wall, "cpu_ms": cpu}), flush=True)
-"""
+            raise invalid("model", self.model, "a timm model name for an 'eager' variant (path= its state_dict file)")
 
 
 class TimingWorker:
     """One variant loaded in its own Python process (environment: this one's, ``OMP_NUM_THREADS=threads``,
     then ``env``), warmed up with ``warmup`` calls, then timed batch by batch with :meth:`time`.
+
+    The process is ``python -m pqv_lightning.export.probe serve``: it imports only what the variant's runtime
+    needs (onnxruntime workers never import torch), prints ``PQV_READY`` once loaded, and answers each request
+    for ``n`` calls with one untimed call and ``n`` timed ones.
 
     Keeping the process between batches lets many short, alternating rounds sample the machine's slow and
     quiet periods alike at the cost of one model load per variant; between batches it blocks on its stdin,
@@ -245,12 +177,16 @@ class TimingWorker:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
         # stderr to a file, not a pipe: a chatty runtime cannot block; closed in __exit__
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        args = [json.dumps(asdict(variant)), json.dumps([int(s) for s in input_shape]), str(threads), str(warmup)]
+        command = serve_command(
+            variant.kind, variant.path, input_shape, threads, warmup, engine=variant.engine,
+            ort_spinning=variant.ort_spinning, model=variant.model, model_kwargs=variant.model_kwargs,
+            structure=variant.structure,
+        )  # fmt: skip
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, *args],
+            command,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, bufsize=1,
         )  # fmt: skip
-        self._read("PQV_READY")
+        self._read(READY_TAG)
 
     def _read(self, tag: str) -> str:
         """The rest of the next stdout line starting with ``tag``; a worker silent for ``timeout`` s is killed."""
@@ -273,7 +209,7 @@ class TimingWorker:
         """Per-call wall-clock and process-CPU milliseconds of ``runs`` calls (after one untimed call)."""
         with contextlib.suppress(BrokenPipeError):  # a dead worker is reported by _read, with its stderr
             self._proc.stdin.write(f"{runs}\n")
-        result = json.loads(self._read("PQV_TIMING"))
+        result = json.loads(self._read(TIMING_TAG))
         return result["wall_ms"], result["cpu_ms"]
 
     def close(self) -> None:
@@ -343,13 +279,10 @@ def interleaved_process_latency(
     reason stored there under its label) instead of ending the whole run."""
     if not variants:
         raise ValueError("variants is empty: nothing to time")
-    for name, value in (("threads", threads), ("runs", runs), ("rounds", rounds), ("processes", processes)):
-        if value < 1:
-            raise ValueError(f"{name}={value!r} is invalid; accepted: an int >= 1")
-    if processes > rounds:
-        raise ValueError(f"processes={processes} is invalid for rounds={rounds}; accepted: 1 <= processes <= rounds")
-    if warmup < 0:
-        raise ValueError(f"warmup={warmup!r} is invalid; accepted: an int >= 0")
+    for name, value in (("threads", threads), ("runs", runs), ("rounds", rounds)):
+        check_int(name, value, 1)
+    check_int("processes", processes, 1, rounds, accepted=f"an int in [1, rounds] = [1, {rounds}]")
+    check_int("warmup", warmup, 0)
     per_round = -(-runs // rounds)
     labels = list(variants)
     wall: dict[str, list[float]] = {lab: [] for lab in labels}

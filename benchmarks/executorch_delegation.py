@@ -17,7 +17,7 @@ import timm
 import torch
 from _common import header, interleaved_latency
 
-from pqv_lightning.executorch_lowering import export_pte
+from pqv_lightning.export import export_pte
 
 
 def main() -> None:

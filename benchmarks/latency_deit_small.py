@@ -283,8 +283,7 @@ def main() -> None:
                 if not (rec.reason or "").startswith("verification failed") or rec.path is None:
                     continue
                 label += " (unverified)"
-            engine = rec.backend if rec.format == "torchscript" and rec.precision == "int8" else None
-            variants[label] = Variant(rec.format, rec.path, engine=engine, ort_spinning=spinning)
+            variants[label] = Variant(rec.format, rec.path, engine=rec.engine, ort_spinning=spinning)
             records_by_label[label] = rec
         if structure is not None:
             variants[f"{tag} eager fp32"] = eager(net, tag, structure)

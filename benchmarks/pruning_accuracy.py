@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from pqv_lightning import ViTClassifier
+from pqv_lightning.apps.trainers import quiet_trainer
 from pqv_lightning.callbacks import StructuredPruning
 from pqv_lightning.datamodules import DigitsDataModule
 from pqv_lightning.pruning import IMPORTANCES
@@ -59,16 +60,7 @@ def quickstart_recipe(path: Path = QUICKSTART) -> dict[str, Any]:
 
 
 def trainer(epochs: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
+    return quiet_trainer(epochs, callbacks or [])
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from pqv_lightning import ViTClassifier
+from pqv_lightning.apps.trainers import quiet_trainer
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.pruning import StructuredPruning
 from pqv_lightning.callbacks.sparsity_gates import SparsityGates
@@ -49,18 +50,8 @@ WORK_DIR = tempfile.mkdtemp(prefix="pqv-recovery-")  # distillation writes its t
 
 def trainer(epochs: int, callbacks: list, limit_val_batches: float = 0) -> pl.Trainer:
     """A quiet CPU trainer; fitting skips validation (the result is read once, at the end)."""
-    return pl.Trainer(
-        default_root_dir=WORK_DIR,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=limit_val_batches,
+    return quiet_trainer(
+        epochs, callbacks, default_root_dir=WORK_DIR, num_sanity_val_steps=0, limit_val_batches=limit_val_batches
     )
 
 

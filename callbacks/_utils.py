@@ -1,4 +1,4 @@
-"""Small helpers shared by the pqv-lightning callbacks."""
+"""What the pqv-lightning callbacks read from a fit: the timm model, the data loaders, the output folders."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import itertools
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from pqv_lightning.callbacks._lightning_internals import fit_data_source
 from pqv_lightning.export import check_output_dir
+from pqv_lightning.utils.batches import first_loader, split_batch
+
+__all__ = [
+    "check_epochs_fit_max_steps",
+    "check_validation_data",
+    "data_loader",
+    "resolve_output_dir",
+    "take_batches",
+    "timm_model_of",
+    "train_loader",
+]
 
 
 def timm_model_of(pl_module: pl.LightningModule, attribute: str = "model", owner: str = "This callback") -> nn.Module:
@@ -27,37 +39,44 @@ def timm_model_of(pl_module: pl.LightningModule, attribute: str = "model", owner
     return model
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from a batch given as a tuple/list or a dict with image/label keys."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for image_key, label_key in (("image", "label"), ("pixel_values", "labels"), ("images", "labels")):
-            if image_key in batch and label_key in batch:
-                return batch[image_key], batch[label_key]
-    raise TypeError(
-        f"Cannot read (images, labels) from a batch of type {type(batch).__name__}: use (images, labels) "
-        "tuples or dicts with 'image'/'label' keys."
-    )
-
-
-def first_loader(loaders: Any) -> Iterable:
-    """The first data loader of what Lightning holds (a loader, a list or a dict of loaders)."""
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0]
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()))
-    return loaders
-
-
 def train_loader(trainer: pl.Trainer) -> Iterable:
     """The training data loader, usable in ``setup`` (before Lightning built its own) and later."""
     if trainer.train_dataloader is not None:
         return first_loader(trainer.train_dataloader)
-    source = trainer.fit_loop._data_source  # set by Trainer.fit before any hook runs
-    if not source.is_defined():
+    loaders = fit_data_source(trainer, "train")
+    if loaders is None:
         raise RuntimeError("No training data: pass a datamodule or train_dataloaders to Trainer.fit.")
-    return first_loader(source.dataloader())
+    return first_loader(loaders)
+
+
+def data_loader(trainer: pl.Trainer, split: str) -> Iterable:
+    """The data loader of ``split`` ("train" or "val"): the datamodule's own, else the trainer's."""
+    if split == "train":
+        return train_loader(trainer)
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
+        return first_loader(datamodule.val_dataloader())
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        loaders = fit_data_source(trainer, "val")
+    if not loaders:
+        raise RuntimeError(
+            "No validation data: give the datamodule a val_dataloader or pass val_dataloaders to Trainer.fit."
+        )
+    return first_loader(loaders)
+
+
+def check_validation_data(trainer: pl.Trainer, owner: str) -> None:
+    """Fail before training when the fit has no validation data to evaluate and verify on."""
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
+        return
+    if fit_data_source(trainer, "val") is not None:
+        return
+    raise ValueError(
+        f"{owner} evaluates on validation data, but this fit has none: give the datamodule a val_dataloader "
+        "or pass val_dataloaders to Trainer.fit."
+    )
 
 
 def take_batches(loader: Iterable, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from pqv_lightning.callbacks._utils import timm_model_of
-from pqv_lightning.callbacks.pruning import StructuredPruning
+from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
 from pqv_lightning.checkpoint import current_structure
 from pqv_lightning.distillation import (
     OPT_IN_ATTRIBUTE,
@@ -27,6 +28,7 @@ from pqv_lightning.distillation import (
     save_teacher_state,
     validate,
 )
+from pqv_lightning.utils.checks import check_identifier, invalid
 
 __all__ = ["KnowledgeDistillation"]
 
@@ -37,8 +39,10 @@ class KnowledgeDistillation(Callback):
     ``loss = (1 - alpha) * label_loss + alpha * term``, with ``term`` the soft KL(teacher/T || student/T) * T^2
     (``mode="soft"``) or DeiT's hard distillation, cross-entropy on the teacher's argmax (``mode="hard"``).
 
-    The teacher, by default, is the model exactly as it was before :class:`StructuredPruning` changed it (captured
-    whatever the order of the two callbacks; without a pruning callback, the model as it is at fit start). It can
+    The teacher, by default, is the model exactly as it was before a shape-changing callback
+    (:class:`StructuredPruning`, :class:`SparsityGates`: any :class:`ShapeChangingCallback`) changed it, captured
+    whatever the order of the callbacks; without one, the model as it is at fit start. Until the change (pruning at
+    epoch K, gates at ``prune_epoch``) the loss is the label loss alone. It can
     also be a ``ViTClassifier`` checkpoint (``.ckpt``), a timm state-dict file (``teacher_kwargs`` names the
     architecture) or a timm model name (released weights). It stays in eval mode without gradients, outside the
     LightningModule: in no optimizer, not wrapped by DDP, and not in any checkpoint.
@@ -81,11 +85,8 @@ class KnowledgeDistillation(Callback):
         super().__init__()
         validate(mode, temperature, alpha)
         if teacher is not None and not isinstance(teacher, (str, os.PathLike)):
-            raise ValueError(
-                f"teacher={teacher!r} is invalid; accepted: None (the dense model), a checkpoint path or a timm name."
-            )
-        if not isinstance(model_attribute, str) or not model_attribute.isidentifier():
-            raise ValueError(f"model_attribute={model_attribute!r} is invalid; accepted: an attribute name.")
+            raise invalid("teacher", teacher, "None (the dense model), a checkpoint path or a timm name")
+        check_identifier("model_attribute", model_attribute)
         self.teacher_source = teacher
         self.teacher_kwargs = dict(teacher_kwargs or {})
         self.mode, self.temperature, self.alpha = mode, float(temperature), float(alpha)
@@ -101,7 +102,6 @@ class KnowledgeDistillation(Callback):
         self._placeholder: tuple[nn.Module, nn.Module, pl.LightningModule] | None = None
         self._trainer: pl.Trainer | None = None
         self._training = False  # past on_train_start: a teacher captured now is written at once
-        self._fit: object | None = None
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -113,6 +113,7 @@ class KnowledgeDistillation(Callback):
         return Path(self._record["path"]) if self._record is not None else None
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -131,39 +132,34 @@ class KnowledgeDistillation(Callback):
         log_dir = trainer.log_dir  # a collective call: every rank makes it
         self._directory = Path(os.path.abspath(log_dir or trainer.default_root_dir)) / self.FOLDER
         self._trainer = trainer
-        pruning = [cb for cb in trainer.callbacks if isinstance(cb, StructuredPruning)]
-        if pruning and current_structure(student) is None:
-            fit = self._fit = object()
-
-            def on_dense_model(dense: nn.Module) -> None:
-                if fit is self._fit:  # a listener left from an earlier fit with the same callbacks does nothing
-                    self._capture(dense, student, pl_module)
-
-            pruning[0].on_dense_model(on_dense_model)
+        changers = [cb for cb in trainer.callbacks if isinstance(cb, ShapeChangingCallback)]
+        if not changers:
+            self._capture(student, student, pl_module)
+            return
+        changed_already = current_structure(student) is not None
+        # A change made in that callback's setup (listed before this one) is replayed to us at once.
+        changers[0].before_shape_change.subscribe(lambda dense: self._capture(dense, student, pl_module))
+        if self.distiller is None and changed_already:
+            raise RuntimeError(
+                "KnowledgeDistillation: the model was pruned before the teacher could be captured; list "
+                "KnowledgeDistillation before StructuredPruning or pass teacher=<checkpoint>."
+            )
+        if self.distiller is None:
             # A resumed run may be past pruning: its teacher then comes from the checkpoint's teacher file
             # (load_state_dict), loaded into this dense copy. Lightning restores checkpoints after setup.
-            self._placeholder = (frozen_copy(student), student, pl_module)
-        elif pruning:
-            # The pruning callback came first in the list and already pruned in its setup: its dense backup
-            # (kept until fit start for resume) is the model exactly as it was before pruning.
-            dense = pruning[0].dense_model
-            if dense is None:
-                raise RuntimeError(
-                    "KnowledgeDistillation: the model was pruned before the teacher could be captured; list "
-                    "KnowledgeDistillation before StructuredPruning or pass teacher=<checkpoint>."
-                )
-            self._capture(dense, student, pl_module)
-        else:
-            self._capture(student, student, pl_module)
+            self._placeholder = (frozen_copy(changers[0].dense_copy(student)), student, pl_module)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.strategy.restore_checkpoint_after_setup:  # the checkpoint, if any, is restored by now
             self._settle(trainer, pl_module)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._settle(trainer, pl_module)
         self._training = True
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -179,10 +175,12 @@ class KnowledgeDistillation(Callback):
             pl_module.log("train/distill_term", distiller.last_term, batch_size=1)
         distiller.calls = 0
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         detach_distiller(pl_module)
         self._trainer = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Plain data only: the teacher file's record, or the configured teacher source; never a tensor."""
         if self._record is not None:
@@ -191,6 +189,7 @@ class KnowledgeDistillation(Callback):
             return {"source": os.fspath(self.teacher_source)}
         return {}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A resumed run distils from the teacher of the original run, not from whatever the model is at setup;
         # an explicit teacher=... replaces it (the way out when the file is lost). Checked once the fit starts.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -11,18 +10,18 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
-from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, timm_model_of, train_loader
-from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure, set_structure
+from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, train_loader
+from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
+from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure
 from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_supported, prune
+from pqv_lightning.utils.checks import check_callable, check_int
 
 __all__ = ["StructuredPruning"]
 
 
-class StructuredPruning(Callback):
+class StructuredPruning(ShapeChangingCallback):
     """Structured pruning with torch-pruning's dependency graph, at fit start or after ``at_epoch`` epochs.
 
     ``ratio`` has one meaning: torch-pruning's ``pruning_ratio``, the fraction of channels removed in each
@@ -37,9 +36,11 @@ class StructuredPruning(Callback):
     Under DDP, gradient statistics (Taylor, Hessian) are averaged over ranks, rank 0 decides, and every rank
     replays rank 0's structure, so all ranks hold the identical network.
 
-    The structure is saved in every checkpoint as plain data. Resuming (``trainer.fit(ckpt_path=...)``) or
-    ``ViTClassifier.load_from_checkpoint`` rebuilds it before the weights load, without recomputing importance.
-    Works on any LightningModule that exposes its timm model as ``model`` (or ``model_attribute``).
+    The structure is saved in every checkpoint as plain data, the summary of the pruning in this callback's state.
+    Resuming (``trainer.fit(ckpt_path=...)``) or ``ViTClassifier.load_from_checkpoint`` rebuilds the structure
+    before the weights load, without recomputing importance. Works on any LightningModule that exposes its timm
+    model as ``model`` (or ``model_attribute``). The dense model just before pruning is published to
+    ``before_shape_change`` (the default teacher of :class:`KnowledgeDistillation`, the report's dense row).
 
     Args:
         ratio: fraction of channels removed per prunable group, in [0, 1). ``None`` with a budget.
@@ -75,7 +76,6 @@ class StructuredPruning(Callback):
         model_attribute: str = "model",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ) -> None:
-        super().__init__()
         self.spec = PruningSpec(
             ratio=ratio,
             importance=importance,
@@ -88,41 +88,22 @@ class StructuredPruning(Callback):
             target_params=target_params,
             calibration_batches=calibration_batches,
         )
-        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 0:
-            raise ValueError(f"at_epoch={at_epoch!r} is invalid; accepted: 0 (fit start) or a positive epoch count.")
-        if not isinstance(model_attribute, str) or not model_attribute.isidentifier():
-            raise ValueError(
-                f"model_attribute={model_attribute!r} is invalid; accepted: the name of the LightningModule "
-                "attribute holding the timm model, e.g. 'model'."
-            )
-        if not callable(loss_fn):
-            raise ValueError(f"loss_fn={loss_fn!r} is invalid; accepted: a callable loss(logits, labels).")
-        self.at_epoch = at_epoch
-        self.model_attribute = model_attribute
-        self.loss_fn = loss_fn
+        self.at_epoch = check_int("at_epoch", at_epoch, 0, accepted="0 (fit start) or a positive epoch count (an int)")
+        super().__init__(model_attribute)
+        self.loss_fn = check_callable("loss_fn", loss_fn, "a callable loss(logits, labels)")
         self.result: PruningResult | None = None
         self._dense_backup: torch.nn.Module | None = None
-        self._dense_listeners: list[Callable[[torch.nn.Module], None]] = []
-
-    @property
-    def structure(self) -> dict[str, Any] | None:
-        """The structure of the pruned model (plain data), once pruned or restored."""
-        return current_structure(self._model) if hasattr(self, "_model") else None
 
     @property
     def dense_model(self) -> torch.nn.Module | None:
         """The model as it was before pruning in ``setup``, kept until fit start (for resume and teachers)."""
         return self._dense_backup
 
-    def on_dense_model(self, listener: Callable[[torch.nn.Module], None]) -> None:
-        """Call ``listener(dense_model)`` with the model just before it is pruned (e.g. to keep a teacher)."""
-        self._dense_listeners.append(listener)
-
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._model = timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+        super().setup(trainer, pl_module, stage)
         check_supported(self._model, self.spec)
-        self._restore_before_weights_load(pl_module)
         if stage != "fit" or current_structure(self._model) is not None:
             return
         max_epochs = trainer.max_epochs
@@ -134,58 +115,36 @@ class StructuredPruning(Callback):
         if self.at_epoch == 0:
             # A resumed fit restores its pruned structure after setup: keep the dense model until then.
             self._dense_backup = copy.deepcopy(self._model)
-            self._prune(trainer, pl_module)
+            self._prune(trainer, self._dense_backup, retain=True)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._dense_backup = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_epoch and current_structure(self._model) is None:
             check_epochs_fit_max_steps(trainer, self.at_epoch, "at_epoch", minimum=0)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed fit whose checkpoint was written after epoch at_epoch - 1 but before its end hook pruned
         # (e.g. ModelCheckpoint after validation) starts at epoch >= at_epoch with a dense model: prune now.
         if self.at_epoch and trainer.current_epoch >= self.at_epoch and current_structure(self._model) is None:
-            self._prune_mid_fit(trainer, pl_module)
+            self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer, self._model))
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_epoch and trainer.current_epoch + 1 == self.at_epoch and current_structure(self._model) is None:
-            self._prune_mid_fit(trainer, pl_module)
+            self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer, self._model))
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        structure = current_structure(self._model)
-        if structure is not None:
-            checkpoint[STRUCTURE_KEY] = structure
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "at_epoch": self.at_epoch}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "at_epoch": self.at_epoch, "summary": self._summary()}
-
-    # ------------------------------------------------------------------ internals
-    def _restore_before_weights_load(self, pl_module: pl.LightningModule) -> None:
-        """Make the module rebuild a checkpoint's pruned structure before its weights load.
-
-        Lightning restores a checkpoint after ``setup`` and before the optimizers exist, calling only the
-        module's ``on_load_checkpoint`` in between; this wraps that hook of this module instance.
-        """
-        # The module may outlive this callback (a second Trainer, a new callback): the hook always asks the
-        # callback registered last, and wraps the class's own hook only once.
-        object.__setattr__(pl_module, "_pqv_restore_callback", self)
-        if "on_load_checkpoint" in vars(pl_module):
-            return
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-            callback = module._pqv_restore_callback
-            callback._restore(module, checkpoint)
-            original(checkpoint)
-
-        object.__setattr__(pl_module, "on_load_checkpoint", types.MethodType(on_load_checkpoint, pl_module))
-
-    def _restore(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Give the module the checkpoint's architecture (called just before its weights load)."""
+    @override
+    def restore_before_weights_load(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get(STRUCTURE_KEY)
         model = getattr(pl_module, self.model_attribute)
         existing = current_structure(model)
@@ -211,100 +170,35 @@ class StructuredPruning(Callback):
         self._dense_backup = None
         restore_pruned_structure(model, checkpoint)
 
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # ------------------------------------------------------------------ internals
+    def _prune(self, trainer: pl.Trainer, dense: torch.nn.Module, retain: bool = False) -> PruningResult:
+        """Publish ``dense`` (the model as it is now), then prune the model on every rank alike."""
+        self.before_shape_change.publish(dense, retain=retain)
         model = self._model
-        for listener in self._dense_listeners:
-            listener(model)
         device = trainer.strategy.root_device
         model.to(device)
         count = self.spec.calibration_batches if self.spec.data_driven else 1
         batches = take_batches(train_loader(trainer), count, device)
         example = batches[0][0][:1]
-        distributed = trainer.world_size > 1
-        grad_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if distributed else None
-        # Every rank joins the gradient all-reduce; rank 0 decides and the others replay its structure.
-        work = model if trainer.is_global_zero or not distributed else copy.deepcopy(model)
-        was_training = model.training
-        result = prune(
-            work,
-            self.spec,
-            example,
-            calibration=batches if self.spec.data_driven else None,
-            loss_fn=self.loss_fn,
-            grad_reduce=grad_reduce,
-        )
-        model.train(was_training)
-        structure = trainer.strategy.broadcast(result.structure, src=0) if distributed else result.structure
-        if work is not model:
-            apply_structure(model, structure)
-        set_structure(model, structure)
+        grad_reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+
+        def decide(decider: bool) -> PruningResult:
+            # Every rank joins the gradient all-reduce; the others prune a throw-away copy, then replay rank 0's.
+            work = model if decider else copy.deepcopy(model)
+            was_training = model.training
+            result = prune(
+                work,
+                self.spec,
+                example,
+                calibration=batches if self.spec.data_driven else None,
+                loss_fn=self.loss_fn,
+                grad_reduce=grad_reduce,
+            )
+            model.train(was_training)
+            return result
+
+        result = self.decide_on_rank_zero(trainer, decide, lambda structure: apply_structure(model, structure))
         self.result = result
-        self._report(trainer, result)
-
-    def _prune_mid_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        names = {id(p): name for name, p in pl_module.named_parameters()}
-        self._prune(trainer, pl_module)
-        self._retarget_training_state(trainer, pl_module, names)
-
-    def _retarget_training_state(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, names_before: dict[int, str]
-    ) -> None:
-        """After a mid-fit shape change: the optimizers hold the new parameters, DDP wraps the new model.
-
-        Each optimizer keeps its identity, parameter groups and hyperparameters; every parameter pruning
-        replaced is swapped for its successor of the same name in place and loses its optimizer state (moments
-        of the old shape). The LR schedulers are untouched, so any schedule simply continues, and a resumed run
-        (whose optimizers are built over the pruned parameters) restores the very same optimizer and scheduler.
-        """
-        params_now = dict(pl_module.named_parameters())
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                for i, old in enumerate(group["params"]):
-                    new = params_now.get(names_before.get(id(old), ""))
-                    if new is None or new is old:
-                        continue
-                    optimizer.state.pop(old, None)
-                    group["params"][i] = new
-        held = {id(p) for optimizer in trainer.optimizers for g in optimizer.param_groups for p in g["params"]}
-        stale = [names_before[i] for i in held - {id(p) for p in params_now.values()} if i in names_before]
-        if stale:
-            raise RuntimeError(f"StructuredPruning: optimizer parameters not found in the pruned model: {stale[:5]}")
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            strategy.model = strategy._setup_model(pl_module)
-            strategy._register_ddp_hooks()
-
-    def _summary(self) -> dict[str, Any]:
-        result = self.result
-        if result is None:
-            return {}
-        return {
-            "ratio": result.ratio,
-            "params_before": result.params_before,
-            "params_after": result.params_after,
-            "macs_before": result.macs_before,
-            "macs_after": result.macs_after,
-        }
-
-    def _report(self, trainer: pl.Trainer, result: PruningResult) -> None:
-        if not trainer.is_global_zero:
-            return
-        rank_zero_info(
-            f"StructuredPruning: ratio {result.ratio:.4g} ({self.spec.to_dict()['importance']}): "
-            f"params {result.params_before / 1e6:.3f}M -> {result.params_after / 1e6:.3f}M "
-            f"(-{100 * result.params_reduction:.1f}%), MACs {result.macs_before / 1e6:.2f}M -> "
-            f"{result.macs_after / 1e6:.2f}M (-{100 * result.macs_reduction:.1f}%), "
-            f"{len(result.layer_widths)} layers narrowed"
-        )
-        metrics = {f"pruning/{key}": float(value) for key, value in self._summary().items()}
-        metrics["pruning/params_reduction"] = result.params_reduction
-        metrics["pruning/macs_reduction"] = result.macs_reduction
-        rows = "\n".join(
-            f"| {name} | {before} | {after} |" for name, (before, after) in sorted(result.layer_widths.items())
-        )
-        table = f"| layer | width before | width after |\n|---|---|---|\n{rows}"
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_text"):
-                experiment.add_text("pruning/layer_widths", table, global_step=trainer.global_step)
+        importance = self.spec.to_dict()["importance"]
+        self.record_change(trainer, result, f"{importance} importance", importance)
+        return result

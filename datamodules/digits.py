@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from pqv_lightning.datamodules._loaders import make_loader
+from pqv_lightning.utils.checks import check_choice, check_int
+
 __all__ = ["DigitsDataModule"]
 
 
@@ -58,12 +61,10 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if img_size < 8:
-            raise ValueError(f"img_size must be >= 8 (the digits are 8x8), got {img_size!r}.")
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+        check_int("img_size", img_size, 8, accepted="an int >= 8 (the digits are 8x8)")
+        check_choice("in_chans", in_chans, (1, 3))
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
         if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r} must be in [0, 1) "
@@ -107,13 +108,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        return make_loader(self._splits[split], self.hparams.batch_size, shuffle, self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

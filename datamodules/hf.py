@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from pqv_lightning.datamodules._loaders import make_loader
+from pqv_lightning.utils.checks import check_choice, check_int, check_number
+
 __all__ = ["HFImageDataModule", "resolve_timm_data_config"]
 
 
@@ -87,12 +90,11 @@ class HFImageDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+        check_choice("in_chans", in_chans, (1, 3))
+        check_number("val_fraction", val_fraction, 0, 1, min_open=True, max_open=True)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("img_size", img_size, 1, allow_none=True)
         looks_local = os.sep in dataset or dataset.startswith((".", "~")) or os.path.exists(dataset)
         if looks_local and not Path(dataset).expanduser().is_dir():
             raise FileNotFoundError(f"Data folder dataset={dataset!r} does not exist or is not a folder.")
@@ -210,13 +212,8 @@ class HFImageDataModule(pl.LightningDataModule):
             self.setup()
         if split not in self._splits:
             raise ValueError(f"There is no {split} split: set {split}_split.")
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self._collate,
-            persistent_workers=self.hparams.num_workers > 0,
+        return make_loader(
+            self._splits[split], self.hparams.batch_size, shuffle, self.hparams.num_workers, self._collate
         )
 
     def train_dataloader(self) -> DataLoader:

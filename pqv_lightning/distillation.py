@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pqv_lightning._io import atomic_write_bytes
+from pqv_lightning.utils.checks import check_choice, check_number, invalid
+from pqv_lightning.utils.io import atomic_write_bytes
 
 __all__ = [
     "MODES",
@@ -57,16 +57,9 @@ _DISTILLER = "_pqv_distiller"
 
 def validate(mode: str, temperature: float, alpha: float) -> None:
     """Raise ValueError naming the bad setting and the accepted values."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(map(repr, MODES))}.")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not 0 < temperature < math.inf  # T = inf would make the soft term inf * 0 = nan
-    ):
-        raise ValueError(f"temperature={temperature!r} is invalid; accepted: a finite number > 0.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha!r} is invalid; accepted: a number in [0, 1].")
+    check_choice("mode", mode, MODES)
+    check_number("temperature", temperature, 0, min_open=True)  # finite: T = inf makes the soft term inf * 0 = nan
+    check_number("alpha", alpha, 0, 1)
 
 
 def distillation_term(
@@ -88,7 +81,7 @@ def distillation_term(
         )
     if mode == "hard":
         return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
-    raise ValueError(f"mode={mode!r} is unknown; accepted: {', '.join(map(repr, MODES))}.")
+    raise invalid("mode", mode, ", ".join(MODES))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -126,9 +119,9 @@ def load_teacher(source: str | os.PathLike, teacher_kwargs: dict[str, Any] | Non
     looks_like_file = os.path.sep in path or path.endswith((".ckpt", ".pt", ".pth", ".bin", ".safetensors"))
     if os.path.isfile(path):
         if path.endswith(".ckpt"):
-            from pqv_lightning.module import ViTClassifier
+            from pqv_lightning.checkpoint import load_classifier_checkpoint
 
-            model = ViTClassifier.from_checkpoint(path).model
+            model = load_classifier_checkpoint(path).model
         else:
             name = kwargs.pop("model_name", None)
             if name is None or "num_classes" not in kwargs:

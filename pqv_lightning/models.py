@@ -9,6 +9,8 @@ from typing import Any
 import timm
 import torch.nn as nn
 
+from pqv_lightning.utils.checks import check_int
+
 __all__ = ["create_timm_model", "suggest_model_names", "validate_model_name", "validate_patch_size"]
 
 
@@ -81,8 +83,7 @@ def create_timm_model(
     """
     validate_model_name(model_name)
     validate_patch_size(model_kwargs.get("img_size"), model_kwargs.get("patch_size"))
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    check_int("num_classes", num_classes, 1)
     if checkpoint_path is not None:
         path = os.fspath(checkpoint_path)
         if not os.path.isfile(path):

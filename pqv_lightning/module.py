@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from pqv_lightning.checkpoint import restore_pruned_structure
 from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
+from pqv_lightning.utils.checks import check_number
 
 __all__ = ["ViTClassifier", "warmup_cosine"]
 
@@ -73,14 +74,11 @@ class ViTClassifier(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}.")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        check_number("lr", lr, 0, min_open=True)
+        check_number("weight_decay", weight_decay, 0)
+        check_number("warmup_epochs", warmup_epochs, 0)
+        check_number("min_lr", min_lr, 0)
+        check_number("label_smoothing", label_smoothing, 0, 1, max_open=True)
         # Callables are not hyperparameters: they would make the checkpoint need unpickling to load.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer

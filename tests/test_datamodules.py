@@ -33,8 +33,8 @@ def test_digits_shapes_channels_and_train_only_augmentation():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"img_size": 4}, "img_size must be >= 8"),
-        ({"in_chans": 2}, "in_chans must be 1 or 3"),
+        ({"img_size": 4}, "img_size=4 is invalid; accepted: an int >= 8"),
+        ({"in_chans": 2}, "in_chans=2 is invalid; accepted: 1, 3"),
         ({"val_fraction": 0.6, "test_fraction": 0.5}, "val_fraction=0.6"),
     ],
 )

@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.layers import Attention
 
-from pqv_lightning.executorch_lowering import PteResult, export_pte, prepare_for_xnnpack, run_pte
+from pqv_lightning.export import PteResult, export_pte, prepare_for_xnnpack, run_pte, xnnpack_rewrites
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 10}
 
@@ -136,7 +136,7 @@ def test_quantized_pte_delegated_and_agrees(trained, precision: str) -> None:
 
 def test_bad_arguments_rejected_before_work() -> None:
     model = _vit()
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match=r"precision='int2' is invalid; accepted: fp32, int8, int8_dynamic, int4"):
         export_pte(model, torch.randn(1, 3, 32, 32), precision="int2")
     with pytest.raises(ValueError, match="calibration"):
         export_pte(model, torch.randn(1, 3, 32, 32), precision="int8")
@@ -188,13 +188,11 @@ def test_layer_norm_reduces_over_rows_viewed_as_channels(shape: tuple[int, ...])
 def test_patch_embedding_conv_becomes_a_linear_on_patches(size: int) -> None:
     """A stride == kernel conv is computed as patches @ weight (an int8 FC once quantized), also when the image
     is not a whole number of patches (the conv drops the remainder)."""
-    from pqv_lightning.executorch_lowering import _DelegablePatchifyConv2d
-
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 16, kernel_size=8, stride=8)
     overlapping = torch.nn.Conv2d(3, 16, kernel_size=8, stride=4)
     prepared = prepare_for_xnnpack(torch.nn.Sequential(conv, overlapping))
-    assert type(prepared[0]) is _DelegablePatchifyConv2d and type(prepared[1]) is torch.nn.Conv2d
+    assert type(prepared[0]) is xnnpack_rewrites._DelegablePatchifyConv2d and type(prepared[1]) is torch.nn.Conv2d
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(prepared[0](x), conv(x), atol=1e-5, rtol=1e-5)

@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pqv_lightning import ViTClassifier
+from pqv_lightning.apps.export_checkpoint import main as export_main
 from pqv_lightning.callbacks.export import MobileExport
 from pqv_lightning.callbacks.pruning import StructuredPruning
 from pqv_lightning.callbacks.quantization import Quantization
 from pqv_lightning.datamodules import DigitsDataModule
-from pqv_lightning.export_checkpoint import main as export_main
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -138,7 +138,7 @@ def test_a_failed_export_is_recorded_without_raising(tmp_path, monkeypatch, trai
     def broken(*args, **kwargs):
         raise RuntimeError("simulated exporter crash")
 
-    monkeypatch.setattr("pqv_lightning.callbacks.export.export_artifacts", broken)
+    monkeypatch.setattr("pqv_lightning.pipeline.export_artifacts", broken)
     export = MobileExport(formats=["onnx"], onnx_precisions=["fp32"], output_dir=tmp_path / "out", val_batches=1)
     trainer = _trainer([export], False, tmp_path, epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(trained_classifier(), _digits())
@@ -149,12 +149,15 @@ def test_a_failed_export_is_recorded_without_raising(tmp_path, monkeypatch, trai
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"formats": ["tflite"]}, r"unknown export format 'tflite'; accepted: torchscript, lite, executorch, onnx"),
-        ({"executorch_precisions": ["int2"]}, r"Unknown executorch precision 'int2'; accepted: fp32, int8"),
-        ({"onnx_precisions": ["fp8"]}, r"Unknown onnx precision 'fp8'; accepted: fp32, int8, int8_qdq"),
-        ({"batch_size": 0}, r"batch_size must be an integer >= 1"),
-        ({"val_batches": 0}, r"val_batches must be an integer >= 1"),
-        ({"calibration_batches": 0}, r"calibration_batches=0, but executorch 'int8'"),
+        ({"formats": ["tflite"]}, r"formats\[0\]='tflite' is invalid; accepted: torchscript, lite, executorch, onnx"),
+        ({"executorch_precisions": ["int2"]}, r"executorch_precisions\[0\]='int2' is invalid; accepted: fp32, int8"),
+        ({"onnx_precisions": ["fp8"]}, r"onnx_precisions\[0\]='fp8' is invalid; accepted: fp32, int8, int8_qdq"),
+        ({"batch_size": 0}, r"batch_size=0 is invalid; accepted: an int >= 1"),
+        ({"val_batches": 0}, r"val_batches=0 is invalid; accepted: None or an int >= 1"),
+        (
+            {"calibration_batches": 0},
+            r"calibration_batches=0 is invalid; accepted: an int >= 1, because executorch",
+        ),
         ({"calibration_split": "test"}, r"calibration_split='test' is invalid"),
     ],
 )
@@ -233,8 +236,8 @@ def test_pqv_export_rejects_a_file_that_is_not_a_pqv_checkpoint(content, match, 
 
 def test_pqv_export_argument_errors_and_help(tmp_path, capsys):
     for argv, match in (
-        (["--formats", "tflite"], "unknown export format 'tflite'; accepted: torchscript, lite"),
-        (["--quantize", "int8_dynamic:armv7"], "Backend 'armv7' is not valid"),
+        (["--formats", "tflite"], "formats[0]='tflite' is invalid; accepted: torchscript, lite"),
+        (["--quantize", "int8_dynamic:armv7"], "backend='armv7' is invalid"),
         (["--checkpoint", str(tmp_path / "missing.ckpt")], "missing.ckpt' does not exist"),
     ):
         if "--checkpoint" not in argv:

@@ -87,7 +87,7 @@ def test_bad_counts_rejected(kwargs, match):
 
 def test_bad_kind_and_threads_rejected(model):
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match="unknown artifact kind 'tflite'; accepted: eager"):
+    with pytest.raises(ValueError, match="kind='tflite' is invalid; accepted: eager"):
         make_runner(model, "tflite", x)
     with pytest.raises(ValueError, match="threads=0"):
         make_runner(model, "eager", x, threads=0)

@@ -49,7 +49,7 @@ def test_missing_checkpoint_file_is_named(tmp_path, tiny_vit_kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lr": 0}, "lr must be > 0"),
+        ({"lr": 0}, "lr=0 is invalid; accepted: a finite number > 0"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"num_classes": 0}, "num_classes"),
     ],

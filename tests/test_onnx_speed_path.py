@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from timm.layers import Attention
 
 from pqv_lightning import export as ex
-from pqv_lightning.export import _is_patchify_conv, _PatchifyLinear, prepare_for_onnxruntime
+from pqv_lightning.export import is_patchify_conv, prepare_for_onnxruntime
+from pqv_lightning.export import onnxruntime_rewrites as rewrites
 
 TINY = {"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 2, "embed_dim": 64, "num_heads": 4}
 BATCH = 8
@@ -62,7 +63,7 @@ def test_prepare_for_onnxruntime_computes_the_same_function(name: str) -> None:
     assert counts == {"attention": 2, "patchify_conv": 1}
     assert all(type(b.attn) is Attention for b in model.blocks)
     assert type(model.patch_embed.proj) is torch.nn.Conv2d
-    assert all(type(b.attn) is ex._OrtAttention for b in prepared.blocks)
+    assert all(type(b.attn) is rewrites._OrtAttention for b in prepared.blocks)
 
 
 def test_prepare_leaves_attention_it_cannot_express_alone() -> None:
@@ -77,7 +78,7 @@ def test_prepare_leaves_attention_it_cannot_express_alone() -> None:
 
 def test_masked_call_goes_to_the_original_attention() -> None:
     attn = Attention(16, num_heads=2, qkv_bias=True).eval()
-    wrapped = ex._OrtAttention(attn)
+    wrapped = rewrites._OrtAttention(attn)
     x = torch.randn(2, 5, 16)
     mask = torch.zeros(5, 5, dtype=torch.bool).triu(1).logical_not()
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_patchify_linear_matches_conv_on_an_uneven_image() -> None:
     conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
     x = torch.randn(2, 3, 18, 23)  # not a multiple of the patch: the conv drops the remainder
     with torch.no_grad():
-        torch.testing.assert_close(_PatchifyLinear(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rewrites._PatchifyLinear(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +107,7 @@ def test_patchify_linear_matches_conv_on_an_uneven_image() -> None:
     ],
 )
 def test_patchify_rewrite_only_takes_non_overlapping_convs(conv: torch.nn.Module, applies: bool) -> None:
-    assert _is_patchify_conv(conv) is applies
+    assert is_patchify_conv(conv) is applies
 
 
 def _skip_ln_model(with_bias: bool) -> onnx.ModelProto:
@@ -143,7 +144,7 @@ def test_unfused_skip_layer_norm_gives_the_same_outputs(with_bias: bool) -> None
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("x", "skip")}
     fused = _run(model, feeds)
-    assert ex._unfuse_skip_layer_norm(model.graph) == 1
+    assert rewrites._unfuse_skip_layer_norm(model.graph) == 1
     ops = [n.op_type for n in model.graph.node]
     assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 1
     for got, want in zip(_run(model, feeds), fused, strict=True):
@@ -158,11 +159,11 @@ def test_projection_branch_goes_first_in_residual_adds() -> None:
         helper.make_node("Add", ["residual", "projected"], ["out"], name="residual_add"),
     ]
     graph = helper.make_graph(nodes, "g", [], [])
-    assert ex._projection_branch_first(graph) == 1
+    assert rewrites._projection_branch_first(graph) == 1
     by_name = {n.name: list(n.input) for n in graph.node}
     assert by_name["residual_add"] == ["projected", "residual"]
     assert by_name["proj_bias"] == ["mm", "bias"] and by_name["pos_add"] == ["a", "b"]
-    assert ex._projection_branch_first(graph) == 0
+    assert rewrites._projection_branch_first(graph) == 0
 
 
 # --------------------------------------------------------------------------- through export_artifacts
@@ -238,7 +239,7 @@ def test_onnx_int8_falls_back_to_the_plain_graph_with_the_reason(trained_tiny_vi
     def broken(*args, **kwargs):
         raise RuntimeError("fusion exploded")
 
-    monkeypatch.setattr(ex, "_fuse_for_onnxruntime", broken)
+    monkeypatch.setattr(rewrites, "fuse_for_onnxruntime", broken)
     (rec,) = ex.export_artifacts(trained_tiny_vit, tmp_path, ["onnx"], example, val[:2], onnx_precisions=("int8",))
     assert rec.status == "ok", rec.reason
     assert rec.extra["onnxruntime_optimized"] is False
@@ -267,11 +268,11 @@ def test_onnx_optimize_must_be_a_bool_checked_before_any_export(trained_tiny_vit
         raise AssertionError("exported before validating onnx_optimize")
 
     monkeypatch.setattr(torch.onnx, "export", forbidden)
-    with pytest.raises(TypeError, match=re.escape(f"onnx_optimize must be True or False; got {bad!r}")):
+    with pytest.raises(TypeError, match=re.escape(f"onnx_optimize={bad!r} is invalid; accepted: True or False")):
         ex.export_artifacts(trained_tiny_vit, tmp_path, ["onnx"], example, val[:1], onnx_optimize=bad)
 
 
 @pytest.mark.parametrize("bad", ["vit_tiny", None, torch.zeros(2)])
 def test_prepare_for_onnxruntime_rejects_non_modules(bad) -> None:
-    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+    with pytest.raises(TypeError, match=r"model=.* is invalid; accepted: a torch\.nn\.Module"):
         prepare_for_onnxruntime(bad)

@@ -154,7 +154,7 @@ def test_at_epoch_beyond_max_steps_fails_before_the_first_step(tmp_path, tiny_vi
     [
         ({"ratio": 1.5}, r"ratio=1.5 is invalid; accepted: a float in \[0, 1\)"),
         ({"ratio": -0.1}, r"ratio=-0.1 is invalid"),
-        ({"importance": "l3"}, r"importance='l3' is unknown; accepted: l1, l2, taylor, hessian, random"),
+        ({"importance": "l3"}, r"importance='l3' is invalid; accepted: l1, l2, taylor, hessian, random"),
         ({"importance": 3}, r"importance=3 is invalid"),
         ({"at_epoch": -1}, r"at_epoch=-1 is invalid"),
         ({"at_epoch": 1.5}, r"at_epoch=1.5 is invalid"),

@@ -12,6 +12,7 @@ from pqv_lightning import quantization as q_engine
 from pqv_lightning.callbacks.pruning import StructuredPruning
 from pqv_lightning.callbacks.quantization import Quantization
 from pqv_lightning.datamodules import DigitsDataModule
+from pqv_lightning.quantization import targets as q_targets
 
 
 class WeightsAtFitEnd(pl.Callback):
@@ -145,7 +146,7 @@ def test_a_failing_target_is_recorded_and_the_others_go_on(tmp_path, monkeypatch
             raise RuntimeError("simulated tracing failure")
         return real(model, target, *args, **kwargs)
 
-    monkeypatch.setattr("pqv_lightning.callbacks.quantization.quantize", flaky)
+    monkeypatch.setattr("pqv_lightning.quantization.evaluation.quantize", flaky)
     quant = Quantization(["int8_static:x86", "int8_dynamic:x86"], calibration_batches=1, eval_batches=1)
     trainer = _trainer([quant], False, tmp_path, epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(trained_classifier(), _digits())
@@ -158,15 +159,15 @@ def test_a_failing_target_is_recorded_and_the_others_go_on(tmp_path, monkeypatch
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"targets": ["int9_dynamic"]}, r"Unknown quantization target 'int9_dynamic'.*int8_dynamic"),
-        ({"targets": ["int8_dynamic:armv7"]}, r"Backend 'armv7' is not valid.*accepted: x86, fbgemm, qnnpack"),
+        ({"targets": ["int9_dynamic"]}, r"target='int9_dynamic' is invalid.*int8_dynamic"),
+        ({"targets": ["int8_dynamic:armv7"]}, r"backend='armv7' is invalid; accepted: x86, fbgemm, qnnpack"),
         ({"targets": ["int8_static:x86"], "calibration_batches": 0}, r"calibration_batches=0.*int8_static:x86"),
         ({"targets": ["int8_pt2e"], "calibration_batches": 0}, r"calibration_batches=0.*int8_pt2e:xnnpack"),
-        ({"targets": ["fp16"], "calibration_batches": -1}, r"calibration_batches must be an integer >= 0"),
+        ({"targets": ["fp16"], "calibration_batches": -1}, r"calibration_batches=-1 is invalid; accepted: an int >= 0"),
         ({"targets": ["fp16", "fp16"]}, r"listed twice"),
-        ({"targets": []}, r"No quantization target given; accepted: fp16"),
+        ({"targets": []}, r"targets=\[\] is invalid; accepted: one or more of fp16"),
         ({"calibration_split": "test"}, r"calibration_split='test' is invalid; accepted: train, val"),
-        ({"eval_batches": 0}, r"eval_batches must be None \(all\) or >= 1"),
+        ({"eval_batches": 0}, r"eval_batches=0 is invalid; accepted: None or an int >= 1"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -179,8 +180,8 @@ def test_zero_calibration_is_fine_for_dynamic_targets():
 
 
 def test_engine_missing_from_this_torch_build(monkeypatch):
-    monkeypatch.setattr(q_engine, "_installed_legacy_engines", lambda: ["qnnpack"])
-    with pytest.raises(ValueError, match=r"engine 'x86' is not supported.*supported: qnnpack"):
+    monkeypatch.setattr(q_targets, "installed_legacy_engines", lambda: ["qnnpack"])
+    with pytest.raises(ValueError, match=r"backend='x86' is invalid; accepted: a quantized engine .*: qnnpack"):
         Quantization(["int8_dynamic:x86"])
 
 

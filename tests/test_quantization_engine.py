@@ -20,6 +20,7 @@ from pqv_lightning.quantization import (
     supported_targets,
     top1_agreement,
 )
+from pqv_lightning.quantization import targets as q_targets
 
 ENGINES = [e for e in q.LEGACY_ENGINES if e in torch.backends.quantized.supported_engines]
 VARIANTS = [
@@ -181,11 +182,11 @@ def test_target_parsing():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("int2_dynamic:x86", "Unknown quantization method 'int2_dynamic'.*fp16, int8_dynamic"),
-        ("bfloat16", "Unknown quantization target 'bfloat16'"),
-        ("int8_dynamic:tensorrt", "Backend 'tensorrt'.*accepted: x86, fbgemm, qnnpack, onednn"),
-        ("int8_pt2e:qnnpack", "Backend 'qnnpack'.*accepted: xnnpack, x86"),
-        ("fp16:x86", "Backend 'x86'.*accepted: none"),
+        ("int2_dynamic:x86", "method='int2_dynamic' is invalid; accepted: fp16, int8_dynamic"),
+        ("bfloat16", "target='bfloat16' is invalid"),
+        ("int8_dynamic:tensorrt", "backend='tensorrt' is invalid; accepted: x86, fbgemm, qnnpack, onednn"),
+        ("int8_pt2e:qnnpack", "backend='qnnpack' is invalid; accepted: xnnpack, x86"),
+        ("fp16:x86", "backend='x86' is invalid; accepted: none"),
     ],
 )
 def test_bad_targets(spec, match):
@@ -194,8 +195,8 @@ def test_bad_targets(spec, match):
 
 
 def test_engine_missing_from_torch_build(monkeypatch):
-    monkeypatch.setattr(q, "_installed_legacy_engines", lambda: ["qnnpack"])
-    with pytest.raises(ValueError, match=r"engine 'x86' is not supported.*supported: qnnpack"):
+    monkeypatch.setattr(q_targets, "installed_legacy_engines", lambda: ["qnnpack"])
+    with pytest.raises(ValueError, match=r"backend='x86' is invalid; accepted: a quantized engine .*: qnnpack"):
         QuantizationTarget("int8_static", "x86")
 
 
@@ -217,7 +218,7 @@ def test_bad_inputs_rejected_before_work(trained_tiny_vit, digit_tensors):
             quantize(trained_tiny_vit, method, example, [])
         with pytest.raises(ValueError, match="got None"):
             quantize(trained_tiny_vit, method, example, None)
-        with pytest.raises(ValueError, match="calibration_batches must be >= 1"):
+        with pytest.raises(ValueError, match="calibration_batches=0 is invalid; accepted: None or an int >= 1"):
             quantize(trained_tiny_vit, method, example, [example], calibration_batches=0)
     with pytest.raises(ValueError, match="zero batches"):
         quantize(trained_tiny_vit, "int8_static", example, iter([]))
@@ -229,9 +230,9 @@ def test_bad_inputs_rejected_before_work(trained_tiny_vit, digit_tensors):
     for spec in ("int8_dynamic", "int4_weight", "int8_pt2e:x86"):
         with pytest.raises(ValueError, match=r"no nn\.Linear"):
             quantize(no_linear, spec, example, [example])
-    with pytest.raises(ValueError, match="weight_bits=4 is not supported for PT2E backend 'x86'"):
+    with pytest.raises(ValueError, match="weight_bits=4 is invalid; accepted: 8 \\(for PT2E backend 'x86'\\)"):
         quantize_pt2e(trained_tiny_vit, "x86", example, [example], weight_bits=4)
-    with pytest.raises(ValueError, match="Unknown PT2E backend 'qnnpack'"):
+    with pytest.raises(ValueError, match="backend='qnnpack' is invalid; accepted: xnnpack, x86"):
         quantize_pt2e(trained_tiny_vit, "qnnpack", example, [example])
     with pytest.raises(ValueError, match="example_input"):
         quantize(trained_tiny_vit, "int8_dynamic", torch.zeros(2, 1, 16, 16, dtype=torch.long))

@@ -19,7 +19,7 @@ from pqv_lightning import ViTClassifier
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.sparsity_gates import SparsityGates
 from pqv_lightning.checkpoint import STRUCTURE_KEY
-from pqv_lightning.gates import GATE_NAME, attach_gates, has_gates, prune_by_gates
+from pqv_lightning.pruning.gates import GATE_NAME, attach_gates, has_gates, prune_by_gates
 
 torch.set_num_threads(1)
 
@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch import Callback
 
 from pqv_lightning.checkpoint import current_structure
-from pqv_lightning.gates import gates_of
+from pqv_lightning.pruning.gates import gates_of
 
 
 def _state(module):
@@ -390,7 +390,7 @@ def test_ddp_teacher_with_other_classes_fails_on_every_rank_before_training(tmp_
         ({"alpha": -0.01}, r"alpha=-0.01 is invalid; accepted: a number in \[0, 1\]"),
         ({"alpha": 1.01}, r"alpha=1.01 is invalid; accepted: a number in \[0, 1\]"),
         ({"alpha": math.nan}, r"alpha=nan is invalid; accepted: a number in \[0, 1\]"),
-        ({"mode": "soft_hard"}, r"mode='soft_hard' is unknown; accepted: 'soft', 'hard'"),
+        ({"mode": "soft_hard"}, r"mode='soft_hard' is invalid; accepted: soft, hard"),
     ],
 )
 def test_distillation_bad_input_names_the_value_and_the_accepted_ones(kwargs, message):

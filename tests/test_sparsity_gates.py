@@ -13,8 +13,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from pqv_lightning import ViTClassifier
 from pqv_lightning.callbacks.sparsity_gates import SparsityGates
 from pqv_lightning.checkpoint import current_structure
-from pqv_lightning.gates import GATE_NAME, attach_gates, fold_gates, gate_l1, gates_of, has_gates, prune_by_gates
 from pqv_lightning.pruning import apply_structure
+from pqv_lightning.pruning.gates import (
+    GATE_NAME,
+    attach_gates,
+    fold_gates,
+    gate_l1,
+    gates_of,
+    has_gates,
+    prune_by_gates,
+)
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pqv_lightning.sweep as sweep
-from pqv_lightning.sweep import SWEEP_PLOTS, grid, load_spec, main, run_sweep
+import pqv_lightning.apps.sweep as sweep
+from pqv_lightning.apps.sweep import SWEEP_PLOTS, grid, load_spec, main, run_sweep
 
 TINY_RECIPE = {
     "model": {
@@ -67,18 +67,21 @@ def test_grid_has_one_unpruned_point_and_every_ratio_criterion_pair(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"ratios": [0.0, 1.0]}, r"ratio 1.0 in ratios is invalid; accepted: a number in \[0, 1\)"),
+        ({"ratios": [0.0, 1.0]}, r"ratios\[1\]=1.0 is invalid; accepted: a number in \[0, 1\)"),
         ({"ratios": []}, r"ratios=\[\] is invalid"),
         ({"importances": ["l3"]}, r"l3"),
         ({"importances": []}, r"importances=\[\] is invalid"),
         ({"quantization": ["int9:x86"]}, r"int9"),
-        ({"export": {"formats": ["tflite"]}}, r"unknown export format 'tflite'; accepted: torchscript"),
+        ({"export": {"formats": ["tflite"]}}, r"formats\[0\]='tflite' is invalid; accepted: torchscript"),
         ({"report": {"threads": 0}}, r"threads=0 is invalid"),
-        ({"report": {"colour": "red"}}, r"report keys \['colour'\] are invalid; accepted: threads"),
+        ({"report": {"colour": "red"}}, r"report\['colour'\]='red' is invalid; accepted: keys among threads"),
         ({"distillation": {"temperature": -1.0}}, r"temperature"),
         ({"dense_epochs": 0}, r"dense_epochs=0 is invalid; accepted: an int >= 1"),
-        ({"base": "/nonexistent/recipe.yaml"}, r"no such recipe file"),
-        ({"epochs": 3}, r"unknown sweep keys \['epochs'\]"),
+        (
+            {"base": "/nonexistent/recipe.yaml"},
+            r"base='/nonexistent/recipe.yaml' is invalid; accepted: the path of an existing",
+        ),
+        ({"epochs": 3}, r"epochs=3 is invalid; accepted: a key of sweep config .*: base"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_trains(tmp_path, changes, match, monkeypatch):
@@ -90,7 +93,7 @@ def test_bad_specs_are_refused_before_anything_trains(tmp_path, changes, match, 
 def test_cli_reports_a_bad_spec_as_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(_config(tmp_path, ratios=[2.0])), "--no-progress"])
-    assert exc.value.code == 2 and "ratio 2.0 in ratios is invalid" in capsys.readouterr().err
+    assert exc.value.code == 2 and "ratios[0]=2.0 is invalid" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -138,3 +141,49 @@ def test_sweep_writes_table_and_plots_and_resumes_where_it_stopped(tmp_path, mon
 
     with pytest.raises(ValueError, match="another spec"):
         run_sweep(load_spec(_config(tmp_path, finetune_epochs=2)), progress=False)
+
+
+def test_list_prints_every_point_with_its_index(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "_dense_weights", pytest.fail)  # listing trains nothing
+    config = _config(tmp_path, ratios=[0.0, 0.25, 0.5], importances=["l1", "taylor"])
+    assert main(["--config", str(config), "--list"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert lines == ["0", "dense", "1", "r0.25_l1", "2", "r0.25_taylor", "3", "r0.5_l1", "4", "r0.5_taylor"]
+
+
+def test_an_unknown_point_is_a_usage_error_naming_the_points(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(_config(tmp_path)), "--point", "r0.3_l2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--point='r0.3_l2' is invalid" in err and "0=dense, 1=r0.5_l2" in err
+
+
+def test_fresh_refuses_a_folder_that_is_not_a_sweep(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "_dense_weights", pytest.fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["--config", str(_config(tmp_path)), "--fresh", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "sweep_spec.json" in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_points_run_as_separate_jobs_then_merge(tmp_path, capsys):
+    config = str(_config(tmp_path))
+    out = tmp_path / "out"
+    assert main(["--config", config, "--prepare", "--no-progress"]) == 0
+    assert (out / "dense.pt").is_file() and (out / "sweep_spec.json").is_file()
+    assert main(["--config", config, "--point", "1", "--no-progress"]) == 0  # by index: r0.5_l2
+    assert main(["--config", config, "--merge"]) == 1  # the dense point has not run
+    assert "1 of 2 points not finished: dense" in capsys.readouterr().err
+    assert main(["--config", config, "--point", "dense", "--no-progress"]) == 0  # by id
+    assert main(["--config", config, "--merge"]) == 0
+    doc = json.loads((out / "sweep.json").read_text())
+    assert {p["id"] for p in doc["points"]} == {"dense", "r0.5_l2"} and doc["plot_errors"] == {}
+    assert "| r0.5_l2 | 50 | l2 |" in (out / "sweep.md").read_text()
+    # a changed spec is refused by every mode, not mixed into the folder
+    changed = str(_config(tmp_path, finetune_epochs=2))
+    for mode in (["--point", "dense"], ["--merge"]):
+        assert main(["--config", changed, *mode, "--no-progress"]) == 2

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch_pruning as tp
+
+from pqv_lightning.utils.checks import check_int, check_number, invalid
 
 IMPORTANCES = ("l1", "l2", "taylor", "hessian", "random")
 DATA_DRIVEN = ("taylor", "hessian")
@@ -55,40 +56,22 @@ class PruningSpec:
             )
         if self.ratio is None and not budgets:
             raise ValueError("ratio=None needs a budget: set target_macs or target_params.")
-        if self.ratio is not None and not (
-            isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and 0 <= self.ratio < 1
-        ):
-            raise ValueError(f"ratio={self.ratio!r} is invalid; accepted: a float in [0, 1).")
+        check_number("ratio", self.ratio, 0, 1, max_open=True, allow_none=True, accepted="a float in [0, 1)")
         for name in budgets:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise ValueError(f"{name}={value!r} is invalid; accepted: a positive finite number (absolute count).")
-        if self.head_ratio is not None and not (0 <= self.head_ratio < 1):
-            raise ValueError(f"head_ratio={self.head_ratio!r} is invalid; accepted: None or a float in [0, 1).")
-        if isinstance(self.importance, str):
-            if self.importance not in IMPORTANCES:
-                raise ValueError(
-                    f"importance={self.importance!r} is unknown; accepted: "
-                    f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance."
-                )
-        elif not isinstance(self.importance, tp.importance.Importance):
-            raise ValueError(
-                f"importance={self.importance!r} is invalid; accepted: "
-                f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance."
+            check_number(
+                name, getattr(self, name), 0, min_open=True, accepted="a positive finite number (absolute count)"
             )
+        check_number(
+            "head_ratio", self.head_ratio, 0, 1, max_open=True, allow_none=True, accepted="None or a float in [0, 1)"
+        )
+        accepted = f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance"
+        if not isinstance(self.importance, tp.importance.Importance) and self.importance not in IMPORTANCES:
+            raise invalid("importance", self.importance, accepted)
         if isinstance(self.ignored_layers, str) or not all(isinstance(n, str) for n in self.ignored_layers):
-            raise ValueError(f"ignored_layers={self.ignored_layers!r} is invalid; accepted: a tuple of module names.")
+            raise invalid("ignored_layers", self.ignored_layers, "a tuple of module names")
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
-        if self.round_to is not None and (
-            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
-        ):
-            raise ValueError(f"round_to={self.round_to!r} is invalid; accepted: None or a positive int.")
-        if (
-            isinstance(self.calibration_batches, bool)
-            or not isinstance(self.calibration_batches, int)
-            or self.calibration_batches < 1
-        ):
-            raise ValueError(f"calibration_batches={self.calibration_batches!r} is invalid; accepted: a positive int.")
+        check_int("round_to", self.round_to, 1, allow_none=True, accepted="None or a positive int")
+        check_int("calibration_batches", self.calibration_batches, 1, accepted="a positive int")
 
     @property
     def data_driven(self) -> bool:

@@ -30,58 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pqv_lightning._warnings import deprecations_silenced
+from pqv_lightning.quantization.targets import PT2E_BACKENDS, QuantizationTarget
+from pqv_lightning.utils.batches import images_of
+from pqv_lightning.utils.checks import check_choice, check_int, invalid
+from pqv_lightning.utils.deprecations import silenced
 
-__all__ = [
-    "LEGACY_ENGINES",
-    "METHODS",
-    "PT2E_BACKENDS",
-    "EngineScoped",
-    "HalfPrecision",
-    "QuantizationTarget",
-    "QuantizedModel",
-    "evaluate",
-    "quantize",
-    "quantize_pt2e",
-    "quantized_engine",
-    "supported_targets",
-    "top1_agreement",
-]
+__all__ = ["EngineScoped", "HalfPrecision", "QuantizedModel", "quantize", "quantize_pt2e", "quantized_engine"]
 
 log = logging.getLogger(__name__)
-
-METHODS: tuple[str, ...] = ("fp16", "int8_dynamic", "int8_static", "int8_pt2e", "int4_weight")
-LEGACY_ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
-PT2E_BACKENDS: tuple[str, ...] = ("xnnpack", "x86")
-_BACKENDS: dict[str, tuple[str, ...]] = {
-    "fp16": ("none",),
-    "int8_dynamic": LEGACY_ENGINES,
-    "int8_static": LEGACY_ENGINES,
-    "int8_pt2e": PT2E_BACKENDS,
-    "int4_weight": ("xnnpack",),
-}
-_PRECISION = {"fp16": "fp16", "int4_weight": "int4"}
-_CALIBRATED = ("int8_static", "int8_pt2e")
-
-# torch.ao eager/FX quantization is deprecated (pytorch/ao#2259) but kept on purpose (see module docstring).
-_LEGACY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
-    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
-    (UserWarning, r"Please use quant_min and quant_max to specify the range"),
-    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"),
-)
-
-
-def _legacy_ao_warnings_silenced() -> contextlib.AbstractContextManager[None]:
-    """Silence the known deprecation warnings of ``torch.ao.quantization``; log one notice per process."""
-    return deprecations_silenced(
-        "int8_dynamic/int8_static use the deprecated torch.ao.quantization path (kept for the PQV-Mobile "
-        "backends and TorchScript/lite export); its deprecation warnings are silenced.",
-        _LEGACY_WARNINGS,
-    )
-
-
-def _installed_legacy_engines() -> list[str]:
-    return [e for e in LEGACY_ENGINES if e in torch.backends.quantized.supported_engines]
 
 
 @contextlib.contextmanager
@@ -98,75 +54,6 @@ def quantized_engine(engine: str | None) -> Iterator[None]:
         yield
     finally:
         torch.backends.quantized.engine = previous
-
-
-@dataclass(frozen=True)
-class QuantizationTarget:
-    """What to quantize to: a method and the backend it is prepared for.
-
-    ``backend`` may be left empty for the method's default (x86 for the torch.ao engines, xnnpack for
-    PT2E and INT4, none for FP16). Invalid combinations raise ``ValueError`` at construction.
-    """
-
-    method: str
-    backend: str = ""
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown quantization method {self.method!r}; accepted: {', '.join(METHODS)}.")
-        backend = self.backend or _default_backend(self.method)
-        allowed = _BACKENDS[self.method]
-        if backend not in allowed:
-            raise ValueError(
-                f"Backend {backend!r} is not valid for method {self.method!r}; accepted: {', '.join(allowed)}."
-            )
-        if self.method in ("int8_dynamic", "int8_static") and backend not in _installed_legacy_engines():
-            raise ValueError(
-                f"Quantized engine {backend!r} is not supported by this torch build "
-                f"(torch {torch.__version__}); supported: {', '.join(_installed_legacy_engines()) or 'none'}."
-            )
-        object.__setattr__(self, "backend", backend)
-
-    @classmethod
-    def parse(cls, spec: str) -> QuantizationTarget:
-        """Parse ``"method[:backend]"`` (e.g. ``"int8_dynamic:x86"``, ``"fp16"``) or a ``name``."""
-        text = spec.strip().lower()
-        if ":" in text:
-            method, _, backend = text.partition(":")
-            return cls(method.strip(), backend.strip())
-        for method in sorted(METHODS, key=len, reverse=True):
-            if text == method:
-                return cls(method)
-            if text.startswith(method + "_"):
-                return cls(method, text[len(method) + 1 :])
-        raise ValueError(
-            f"Unknown quantization target {spec!r}; expected 'method[:backend]' with method one of "
-            f"{', '.join(METHODS)} (see supported_targets())."
-        )
-
-    @property
-    def name(self) -> str:
-        """File-name friendly identifier, e.g. ``int8_dynamic_x86``; ``parse`` accepts it back."""
-        return self.method if self.backend == "none" else f"{self.method}_{self.backend}"
-
-    @property
-    def precision(self) -> str:
-        return _PRECISION.get(self.method, "int8")
-
-    @property
-    def engine(self) -> str | None:
-        """The ``torch.backends.quantized`` engine the quantized module must run under, if any."""
-        return self.backend if self.method in ("int8_dynamic", "int8_static") else None
-
-    def __str__(self) -> str:
-        return self.method if self.backend == "none" else f"{self.method}:{self.backend}"
-
-
-def _default_backend(method: str) -> str:
-    if method in ("int8_dynamic", "int8_static"):
-        installed = _installed_legacy_engines()
-        return "x86" if "x86" in installed or not installed else installed[0]
-    return _BACKENDS[method][0]
 
 
 @dataclass
@@ -194,7 +81,7 @@ class EngineScoped(nn.Module):
         self.engine = engine
 
     def forward(self, x: Tensor) -> Tensor:
-        with quantized_engine(self.engine), _legacy_ao_warnings_silenced():
+        with quantized_engine(self.engine), silenced("torch.ao"):
             return self.module(x)
 
     def extra_repr(self) -> str:
@@ -212,43 +99,21 @@ class HalfPrecision(nn.Module):
         return self.module(x.to(torch.float16)).float()
 
 
-def supported_targets() -> list[str]:
-    """Target specs (``parse``-able) that this installation can build."""
-    targets = ["fp16"]
-    for method in ("int8_dynamic", "int8_static"):
-        targets += [f"{method}:{engine}" for engine in _installed_legacy_engines()]
-    has_torchao = importlib.util.find_spec("torchao") is not None
-    if has_torchao and importlib.util.find_spec("executorch") is not None:
-        targets.append("int8_pt2e:xnnpack")
-    if has_torchao:
-        targets += ["int8_pt2e:x86", "int4_weight:xnnpack"]
-    return targets
-
-
-def _images(batch: object) -> Tensor:
-    """Accept a tensor of images or an ``(images, labels, ...)`` batch from a data loader."""
-    if isinstance(batch, list | tuple):
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise TypeError(f"Expected a Tensor of images or an (images, labels) batch, got {type(batch).__name__}.")
-    return batch
-
-
 def _check_model(model: nn.Module, needs_linear: bool) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        raise invalid("model", type(model).__name__, "a torch.nn.Module")
     if needs_linear and not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize (all methods but fp16 need one).")
 
 
 def _check_example(example_input: Tensor) -> None:
     if not isinstance(example_input, Tensor) or not example_input.is_floating_point() or example_input.dim() < 2:
-        raise ValueError("example_input must be a floating-point Tensor with a batch dimension, e.g. [B, C, H, W].")
+        shown = list(example_input.shape) if isinstance(example_input, Tensor) else type(example_input).__name__
+        raise invalid("example_input", shown, "a floating-point Tensor with a batch dimension, e.g. [B, C, H, W]")
 
 
 def _check_calibration(calibration: Iterable | None, calibration_batches: int | None, method: str) -> None:
-    if calibration_batches is not None and calibration_batches < 1:
-        raise ValueError(f"calibration_batches must be >= 1 (or None for all), got {calibration_batches}.")
+    check_int("calibration_batches", calibration_batches, 1, allow_none=True)
     if calibration is None:
         raise ValueError(f"Method {method!r} calibrates activations: pass calibration batches (got None).")
     if hasattr(calibration, "__len__") and len(calibration) == 0:  # type: ignore[arg-type]
@@ -259,7 +124,7 @@ def _calibrate(module: nn.Module, calibration: Iterable, limit: int | None) -> i
     seen = 0
     with torch.no_grad():
         for batch in itertools.islice(calibration, limit):
-            module(_images(batch).detach().cpu().float())
+            module(images_of(batch).detach().cpu().float())
             seen += 1
     if seen == 0:
         raise ValueError("calibration yielded zero batches; static quantization needs at least one.")
@@ -286,13 +151,12 @@ def quantize(
     """
     target = QuantizationTarget.parse(target) if isinstance(target, str) else target
     if not isinstance(target, QuantizationTarget):
-        raise TypeError(f"target must be a QuantizationTarget or a spec string, got {type(target).__name__}.")
+        raise invalid("target", target, "a QuantizationTarget or a 'method[:backend]' string")
     _check_model(model, needs_linear=target.method != "fp16")
     _check_example(example_input)
-    if target.method in _CALIBRATED:
+    if target.calibrated:
         _check_calibration(calibration, calibration_batches, target.method)
-    if int4_group_size < 1:
-        raise ValueError(f"int4_group_size must be >= 1, got {int4_group_size}.")
+    check_int("int4_group_size", int4_group_size, 1)
     example_input = example_input.detach().cpu().float()
 
     if target.method == "int8_pt2e":
@@ -318,7 +182,7 @@ def quantize(
 def _quantize_dynamic(model: nn.Module, engine: str) -> nn.Module:
     from torch.ao.quantization import quantize_dynamic
 
-    with quantized_engine(engine), _legacy_ao_warnings_silenced():
+    with quantized_engine(engine), silenced("torch.ao"):
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
@@ -329,7 +193,7 @@ def _quantize_static_fx(
     from torch.ao.quantization import QConfigMapping, get_default_qconfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    with quantized_engine(engine), _legacy_ao_warnings_silenced():
+    with quantized_engine(engine), silenced("torch.ao"):
         mapping = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig(engine))
         try:
             prepared = prepare_fx(model, mapping, (example_input,))
@@ -399,21 +263,17 @@ def quantize_pt2e(
     ``X86InductorQuantizer`` (8-bit only; fast under ``torch.compile``, reference Q/DQ kernels in eager).
     The batch dimension is exported as dynamic, so any batch size runs. ``.eval()`` / ``.train()`` work.
     """
-    if backend not in PT2E_BACKENDS:
-        raise ValueError(f"Unknown PT2E backend {backend!r}; accepted: {', '.join(PT2E_BACKENDS)}.")
+    check_choice("backend", backend, PT2E_BACKENDS)
     allowed_bits = (4, 8) if backend == "xnnpack" else (8,)
     if weight_bits not in allowed_bits:
-        raise ValueError(
-            f"weight_bits={weight_bits} is not supported for PT2E backend {backend!r}; "
-            f"accepted: {', '.join(map(str, allowed_bits))}."
-        )
+        raise invalid("weight_bits", weight_bits, f"{', '.join(map(str, allowed_bits))} (for PT2E backend {backend!r})")
     dynamic = (weight_bits == 4) if dynamic_activations is None else dynamic_activations
     _check_model(model, needs_linear=True)
     _check_example(example_input)
     if not dynamic:
         _check_calibration(calibration, calibration_batches, "int8_pt2e")
-    elif calibration_batches is not None and calibration_batches < 1:
-        raise ValueError(f"calibration_batches must be >= 1 (or None for all), got {calibration_batches}.")
+    else:
+        check_int("calibration_batches", calibration_batches, 1, allow_none=True)
     quantizer = _pt2e_quantizer(backend, weight_bits, dynamic)
 
     from torchao.quantization.pt2e import allow_exported_model_train_eval
@@ -434,46 +294,3 @@ def quantize_pt2e(
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)
     return converted
-
-
-@contextlib.contextmanager
-def _evaluating(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    if was_training:
-        module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            module.train()
-
-
-def evaluate(module: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of ``module`` on ``(images, labels)`` batches, on CPU."""
-    correct1 = correct5 = total = 0
-    with _evaluating(module):
-        for images, labels in batches:
-            logits = module(images.cpu().float())
-            k = min(5, logits.shape[-1])
-            topk = logits.topk(k, dim=-1).indices
-            labels = labels.cpu().view(-1, 1)
-            correct1 += int((topk[:, :1] == labels).sum())
-            correct5 += int((topk == labels).any(dim=-1).sum())
-            total += labels.shape[0]
-    if total == 0:
-        raise ValueError("evaluate() received no batches.")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
-
-
-def top1_agreement(reference: nn.Module, candidate: nn.Module, images: Iterable[Tensor]) -> float:
-    """Fraction of images on which both modules predict the same class (``(images, labels)`` batches ok)."""
-    same = total = 0
-    with _evaluating(reference), _evaluating(candidate):
-        for batch in images:
-            x = _images(batch).cpu().float()
-            same += int((reference(x).argmax(-1) == candidate(x).argmax(-1)).sum())
-            total += x.shape[0]
-    if total == 0:
-        raise ValueError("top1_agreement() received no images.")
-    return same / total

@@ -25,7 +25,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from pqv_lightning.pruning import PruningResult, PruningSpec, check_supported, prune
+from pqv_lightning.pruning.engine import check_supported, prune
+from pqv_lightning.pruning.spec import PruningResult, PruningSpec
+from pqv_lightning.utils.checks import check_number
 
 __all__ = [
     "GATE_NAME",
@@ -211,8 +213,7 @@ def prune_by_gates(
     (``global_pruning``: one threshold over all gates, as in VTP; ``ratio`` is then the overall fraction). The
     embedding width is kept. ``importance``: precomputed (e.g. decided on rank 0); default: from the gates.
     """
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
-        raise ValueError(f"ratio={ratio!r} is invalid; accepted: a float in [0, 1).")
+    check_number("ratio", ratio, 0, 1, max_open=True, accepted="a float in [0, 1)")
     if importance is None:
         importance = gate_importance(model)
     spec = PruningSpec(

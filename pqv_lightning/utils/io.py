@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+__all__ = ["atomic_write", "atomic_write_bytes", "json_safe", "sha256_file", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -53,3 +56,12 @@ def write_json(path: str | os.PathLike, doc: Any) -> None:
     """Write ``doc`` as indented strict JSON, atomically (unknown types as their ``str``)."""
     text = json.dumps(json_safe(doc), indent=2, allow_nan=False, default=str)
     atomic_write_bytes(path, (text + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""ExecuTorch ``.pte`` export of timm ViTs with every compute node inside the XNNPACK delegate.
+"""timm ViTs rewritten so that ExecuTorch lowers every compute node into the XNNPACK delegate.
 
 Why nodes stay outside when a timm ViT is lowered as it comes (executorch 1.5.x partitioner configs in
 ``executorch/backends/xnnpack/partition/config``):
@@ -18,7 +18,7 @@ Why nodes stay outside when a timm ViT is lowered as it comes (executorch 1.5.x 
   class token at batch 1) are removed by ExecuTorch's own ``RemoveNoopExpandCopyPass``.
 * ``squeeze_copy`` (from ``qkv.unbind(0)``) and ``select_copy`` (``x[:, 0]`` in the head): no configs, and
   ``unsqueeze_copy`` is only delegated on the trailing dim. The attention slices q/k/v from the last dim
-  instead of unbinding, and :class:`_StaticReshapePass` turns every squeeze/unsqueeze into ``view_copy`` and
+  instead of unbinding, and :class:`StaticReshapePass` turns every squeeze/unsqueeze into ``view_copy`` and
   every select into ``slice_copy`` + ``view_copy`` (valid because exported shapes are static).
 
 Not a delegation problem but a speed one: the patch-embedding convolution (stride == kernel) is written as
@@ -28,23 +28,11 @@ fully-connected layer.
 
 from __future__ import annotations
 
-import collections
 import copy
-import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.backends.xnnpack.utils.configs import (
-    get_transform_passes,
-    get_xnnpack_edge_compile_config,
-    get_xnnpack_executorch_backend_config,
-)
-from executorch.exir import to_edge_transform_and_lower
 from executorch.exir.dialects._ops import ops as exir_ops
-from executorch.exir.lowered_backend_module import LoweredBackendModule
 from executorch.exir.pass_base import ExportPass, PassResult
 from timm.layers import Attention
 from timm.layers import LayerNorm as TimmLayerNorm
@@ -52,30 +40,11 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from pqv_lightning.export import _is_patchify_conv, _to_patches
+from pqv_lightning.export.inputs import described
+from pqv_lightning.export.patchify import is_patchify_conv, to_patches
+from pqv_lightning.utils.checks import invalid
 
-PRECISIONS = ("fp32", "int8", "int8_dynamic", "int4")
-
-_NON_COMPUTE = {"getitem", "executorch_call_delegate"}
-
-
-@dataclass
-class PteResult:
-    """A lowered ExecuTorch program and what the XNNPACK partitioner left outside it.
-
-    ``delegated_nodes`` counts the ``call_function`` nodes (``getitem`` excluded) of the graphs handed to
-    XNNPACK, summed over all delegates; ``num_delegates`` is how many delegate calls the program makes.
-    ``outside_ops`` maps each compute operator left in the top-level graph (run by portable kernels) to its
-    count; empty means fully delegated.
-    """
-
-    buffer: bytes
-    delegated_nodes: int
-    outside_ops: dict[str, int]
-    num_delegates: int = 0
-    precision: str = "fp32"
-    prepared: bool = True
-    outside_detail: list[str] = field(default_factory=list)
+__all__ = ["StaticReshapePass", "prepare_for_xnnpack"]
 
 
 class _DelegableLayerNorm(nn.LayerNorm):
@@ -130,7 +99,7 @@ class _DelegableAttention(Attention):
 
 
 class _DelegablePatchifyConv2d(nn.Conv2d):
-    """A patchify ``Conv2d`` (stride == kernel, see :func:`pqv_lightning.export._is_patchify_conv`) as patch
+    """A patchify ``Conv2d`` (stride == kernel, see :func:`~pqv_lightning.export.patchify.is_patchify_conv`) as patch
     reshape + ``linear``: the quantizers then treat it as a fully-connected layer (int8 FC instead of a
     dynamically quantized IGEMM convolution: 0.5 ms less of 19 ms on an int8 deit_small, 1 thread). Its
     weight is stored 2-D ``[out, in * kh * kw]`` (a reshaped view of a parameter is not a static weight
@@ -138,7 +107,7 @@ class _DelegablePatchifyConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         kh, kw = self.kernel_size
-        patches, gh, gw = _to_patches(x, kh, kw)
+        patches, gh, gw = to_patches(x, kh, kw)
         out = F.linear(patches, self.weight, self.bias)
         return out.reshape(x.shape[0], gh, gw, self.out_channels).permute(0, 3, 1, 2)
 
@@ -180,7 +149,7 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
     are used.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise invalid("model", described(model), "a torch.nn.Module")
     prepared = copy.deepcopy(model).eval()
     for module in prepared.modules():
         if type(module) is Attention:
@@ -191,7 +160,7 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
             module.__class__ = _DelegableDistilledViT
         elif type(module) is VisionTransformer:
             module.__class__ = _DelegableViT
-        elif _is_patchify_conv(module):
+        elif is_patchify_conv(module):
             module.__class__ = _DelegablePatchifyConv2d
             module.weight = nn.Parameter(module.weight.detach().reshape(module.out_channels, -1))
         if hasattr(module, "fused_attn"):
@@ -199,7 +168,7 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
     return prepared
 
 
-class _StaticReshapePass(ExportPass):
+class StaticReshapePass(ExportPass):
     """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, expand as cat.
 
     XNNPACK delegates ``view_copy``, ``slice_copy`` and ``cat`` but has no squeeze/select/expand config (and
@@ -281,110 +250,3 @@ class _StaticReshapePass(ExportPass):
         graph.lint()
         graph_module.recompile()
         return PassResult(super().call(graph_module).graph_module, True)
-
-
-def _op_name(target: object) -> str:
-    name = getattr(target, "__name__", str(target))
-    if hasattr(target, "_op") or "EdgeOpOverload" in type(target).__name__:
-        schema_name = getattr(target, "_schema", None)
-        if schema_name is not None:
-            overload = schema_name.overload_name or "default"
-            return f"{schema_name.name.split('::')[-1]}.{overload}"
-    return name
-
-
-def _count_lowered(graph_module: torch.fx.GraphModule) -> tuple[int, int, dict[str, int]]:
-    delegated = 0
-    delegates = 0
-    for _, sub in graph_module.named_modules():
-        if isinstance(sub, LoweredBackendModule):
-            delegates += 1
-            delegated += sum(
-                1
-                for n in sub.original_module.graph.nodes
-                if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
-            )
-    outside = collections.Counter(
-        _op_name(n.target)
-        for n in graph_module.graph.nodes
-        if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
-    )
-    return delegated, delegates, dict(sorted(outside.items()))
-
-
-_INT4_GROUP = 32  # the int4 group size XNNPACK delegates
-
-
-def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: Iterable[Tensor] | None):
-    from pqv_lightning.quantization import quantize, quantize_pt2e
-
-    if precision == "int8":
-        return quantize_pt2e(model, "xnnpack", example, calibration)
-    if precision == "int8_dynamic":
-        return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True)
-    if all(m.in_features % _INT4_GROUP == 0 for m in model.modules() if isinstance(m, nn.Linear)):
-        return quantize(model, "int4_weight:xnnpack", example).module
-    # XNNPACK takes 4-bit weights in groups of 32 or per output channel. Pruned widths (e.g. 144) leave no
-    # group of 32, and torchao's per-channel form does not lower: PT2E's 4-bit per-channel config does.
-    return quantize_pt2e(model, "xnnpack", example, None, weight_bits=4)
-
-
-def export_pte(
-    model: nn.Module,
-    example_input: Tensor,
-    precision: str = "fp32",
-    calibration: Iterable[Tensor] | None = None,
-    prepare: bool = True,
-) -> PteResult:
-    """Export ``model`` to an ExecuTorch program lowered to XNNPACK.
-
-    precision: ``"fp32"``; ``"int8"`` (static, per-channel weights, activations calibrated on
-    ``calibration``, via :func:`pqv_lightning.quantization.quantize_pt2e`); ``"int8_dynamic"`` (PT2E
-    ``XNNPACKQuantizer`` dynamic per-channel); ``"int4"`` (torchao int4 weights in groups of 32 with int8
-    dynamic activations, on ``nn.Linear`` layers). ``prepare=False`` lowers the model as it comes (for
-    comparison); otherwise :func:`prepare_for_xnnpack` and the static-reshape rewrite are applied.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a Tensor, got {type(example_input).__name__}")
-    if precision == "int8" and calibration is None:
-        raise ValueError("precision 'int8' (static) needs calibration batches; got calibration=None")
-    work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
-    with torch.no_grad():
-        if precision != "fp32":
-            work = _quantize(work, precision, example_input, calibration)
-        exported = torch.export.export(work, (example_input,), strict=False)
-    passes = get_transform_passes([_StaticReshapePass()]) if prepare else None
-    edge = to_edge_transform_and_lower(
-        exported,
-        transform_passes=passes,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=get_xnnpack_edge_compile_config(),
-    )
-    delegated, delegates, outside = _count_lowered(edge.exported_program().graph_module)
-    program = edge.to_executorch(get_xnnpack_executorch_backend_config())
-    return PteResult(
-        buffer=program.buffer,
-        delegated_nodes=delegated,
-        outside_ops=outside,
-        num_delegates=delegates,
-        precision=precision,
-        prepared=prepare,
-    )
-
-
-def run_pte(program: bytes | str | os.PathLike, inputs: Tensor) -> Tensor:
-    """Run the ``forward`` method of an ExecuTorch program (bytes or a ``.pte`` path) on ``inputs``."""
-    from executorch.runtime import Runtime
-
-    if isinstance(program, (str, os.PathLike)):
-        with open(program, "rb") as f:
-            program = f.read()
-    if not isinstance(program, (bytes, bytearray)):
-        raise TypeError(f"program must be bytes or a path, got {type(program).__name__}")
-    loaded = Runtime.get().load_program(bytes(program))  # must outlive the method: it owns the data
-    method = loaded.load_method("forward")
-    return method.execute([inputs.contiguous()])[0]

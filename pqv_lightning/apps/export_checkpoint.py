@@ -15,70 +15,30 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pqv_lightning.callbacks.export import (
-    artifacts_table,
-    export_and_report,
-    needs_calibration,
-)
-from pqv_lightning.callbacks.quantization import (
+from pqv_lightning.checkpoint import CheckpointError, ClassifierCheckpoint, load_classifier_checkpoint
+from pqv_lightning.export import EXECUTORCH_PRECISIONS, FORMATS, ONNX_PRECISIONS, check_output_dir
+from pqv_lightning.pipeline import (
     CALIBRATION_SPLITS,
-    collect_batches,
-    parse_targets,
-    quantize_and_evaluate,
-    results_table,
+    ExportConfig,
+    QuantizationConfig,
+    artifacts_table,
+    run_pipeline,
 )
-from pqv_lightning.export import (
-    EXECUTORCH_PRECISIONS,
-    FORMATS,
-    ONNX_PRECISIONS,
-    check_output_dir,
-    validate_formats,
-    validate_precisions,
-)
-from pqv_lightning.module import ViTClassifier
+from pqv_lightning.quantization import results_table
+from pqv_lightning.utils.checks import check_int
 
 __all__ = ["build_parser", "load_classifier", "main"]
 
-_EXPECTED = (
-    "a pqv-lightning checkpoint: a Lightning .ckpt of pqv_lightning.ViTClassifier (a dict with 'state_dict' "
-    "holding 'model.*' weights and 'hyper_parameters' holding 'model_name' and 'num_classes')"
-)
 
-
-def load_classifier(path: str | os.PathLike) -> ViTClassifier:
-    """Check that ``path`` is a ViTClassifier checkpoint (weights-only read), then load it on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist or is not a file; expected {_EXPECTED}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ValueError(
-            f"{str(path)!r} is not {_EXPECTED}; it cannot be read as a weights-only torch file "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})."
-        ) from err
-    problem = None
-    if not isinstance(checkpoint, dict):
-        problem = f"it holds a {type(checkpoint).__name__}, not a dict"
-    elif not isinstance(checkpoint.get("state_dict"), dict):
-        problem = f"it has no 'state_dict' (keys: {sorted(map(str, checkpoint))[:8]})"
-    elif not isinstance(checkpoint.get("hyper_parameters"), dict):
-        problem = "it has no 'hyper_parameters'"
-    else:
-        missing = [key for key in ("model_name", "num_classes") if key not in checkpoint["hyper_parameters"]]
-        if missing:
-            problem = f"its hyper_parameters lack {missing}"
-        elif not any(str(key).startswith("model.") for key in checkpoint["state_dict"]):
-            problem = "its state_dict has no 'model.*' weights"
-    del checkpoint
-    if problem is not None:
-        raise ValueError(f"{str(path)!r} is not {_EXPECTED}: {problem}.")
-    return ViTClassifier.from_checkpoint(path)
+def load_classifier(path: str | os.PathLike) -> ClassifierCheckpoint:
+    """The timm model of a ViTClassifier checkpoint (weights-only read, pruned structure rebuilt) and its settings."""
+    return load_classifier_checkpoint(path)
 
 
 def _split_list(values: Sequence[str] | None) -> list[str]:
@@ -131,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _datamodule(data: str, classifier: ViTClassifier, batch_size: int, num_workers: int) -> Any:
+def _datamodule(data: str, classifier: ClassifierCheckpoint, batch_size: int, num_workers: int) -> Any:
     from pqv_lightning.datamodules.hf import resolve_timm_data_config
 
     channels, height, width = resolve_timm_data_config(classifier.model)["input_size"]
@@ -147,7 +107,7 @@ def _datamodule(data: str, classifier: ViTClassifier, batch_size: int, num_worke
         raise ValueError(f"HFImageDataModule resizes to square images; the model takes {height}x{width}.")
     return HFImageDataModule(
         data,
-        model_name=classifier.hparams.model_name,
+        model_name=classifier.hyper_parameters["model_name"],
         img_size=height,
         in_chans=channels,
         batch_size=batch_size,
@@ -160,69 +120,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        formats = validate_formats(_split_list(args.formats))
-        executorch = validate_precisions(_split_list(args.executorch_precisions), EXECUTORCH_PRECISIONS, "executorch")
-        onnx = validate_precisions(_split_list(args.onnx_precisions), ONNX_PRECISIONS, "onnx")
         for name in ("batch_size", "data_batch_size"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-        if args.val_batches is not None and args.val_batches < 1:
-            raise ValueError(f"--val-batches must be >= 1, got {args.val_batches}.")
-        targets = parse_targets(_split_list(args.quantize), args.calibration_batches) if args.quantize else []
-        if args.calibration_batches < 1 and needs_calibration(formats, executorch, onnx):
-            raise ValueError("--calibration-batches must be >= 1 for executorch 'int8' / onnx 'int8_qdq'.")
+            check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+        export = ExportConfig(
+            formats=_split_list(args.formats),
+            executorch_precisions=_split_list(args.executorch_precisions),
+            onnx_precisions=_split_list(args.onnx_precisions),
+            val_batches=check_int("--val-batches", args.val_batches, 1, allow_none=True),
+            batch_size=args.batch_size,
+            calibration_batches=check_int("--calibration-batches", args.calibration_batches, 0),
+            calibration_split=args.calibration_split,
+        )
+        quantization = None
+        if args.quantize:
+            quantization = QuantizationConfig(
+                tuple(_split_list(args.quantize)), args.calibration_batches, args.calibration_split, args.val_batches
+            )
         checkpoint = Path(args.checkpoint)
         out_dir = check_output_dir(args.output_dir or checkpoint.with_name(f"{checkpoint.stem}_export"))
+        export = replace(export, output_dir=out_dir)
         classifier = load_classifier(checkpoint)
         datamodule = _datamodule(args.data, classifier, args.data_batch_size, args.num_workers)
-    except (ValueError, OSError) as err:
+    except (CheckpointError, ValueError, OSError) as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     datamodule.setup("fit")
-    model = classifier.model.eval()
-    val = collect_batches(datamodule.val_dataloader(), args.val_batches, "validation")
-    calibrate = needs_calibration(formats, executorch, onnx) or any(
-        t.method in ("int8_static", "int8_pt2e") for t in targets
-    )
-    calibration = None
-    if calibrate:
-        loader = datamodule.train_dataloader() if args.calibration_split == "train" else datamodule.val_dataloader()
-        calibration = collect_batches(loader, args.calibration_batches, args.calibration_split)
     meta: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()),
-        "model_name": classifier.hparams.model_name,
+        "model_name": classifier.hyper_parameters["model_name"],
         "data": args.data,
     }
-    quantized = []
-    if targets:
-        float_metrics, results = quantize_and_evaluate(model, targets, val, calibration)
-        print(f"Quantization (validation accuracy)\n{results_table(float_metrics, results)}\n")
-        quantized = [r.quantized for r in results if r.quantized is not None]
-        meta["quantization"] = {
-            "float": float_metrics,
-            "variants": {r.name: r.metrics() if r.error is None else {"error": r.error} for r in results},
-        }
-    records, manifest, error = export_and_report(
-        model,
-        out_dir,
-        formats,
-        val,
-        quantized=quantized,
-        calibration=None if calibration is None else [images for images, _ in calibration],
-        executorch_precisions=executorch,
-        onnx_precisions=onnx,
-        batch_size=args.batch_size,
-        meta=meta,
+    result = run_pipeline(
+        classifier.model,
+        datamodule.val_dataloader(),
+        datamodule.train_dataloader(),
+        quantization=quantization,
+        export=export,
+        manifest_meta=meta,
     )
-    if error is not None:
-        print(f"pqv-export: export failed: {error} (manifest: {manifest})", file=sys.stderr)
+    if result.quantization_error is not None:
+        print(f"pqv-export: quantization failed: {result.quantization_error}", file=sys.stderr)
+    elif quantization is not None:
+        print(f"Quantization (validation accuracy)\n{results_table(result.float_metrics, result.quantization)}\n")
+    outcome = result.export
+    if outcome.error is not None:
+        print(f"pqv-export: export failed: {outcome.error} (manifest: {outcome.manifest})", file=sys.stderr)
         return 1
-    print(artifacts_table(records))
-    failed = [r.name for r in records if r.status == "failed"]
-    print(f"\nmanifest: {manifest}")
+    print(artifacts_table(outcome.records))
+    failed = [r.name for r in outcome.records if r.status == "failed"]
+    print(f"\nmanifest: {outcome.manifest}")
     if failed:
         print(f"pqv-export: {len(failed)} artifact(s) failed verification: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -1,0 +1,210 @@
+"""One base for the fit-end callbacks: each holds only its config; the chain runs once, in a fixed order.
+
+:class:`Quantization`, :class:`MobileExport` and :class:`TradeoffReport` are three views of one job,
+:func:`pqv_lightning.pipeline.run_pipeline` (quantize -> export -> measure and report). The first of them whose
+``on_fit_end`` runs starts that job, on global rank 0, with the configs of all of them (the other ranks wait at one
+barrier); each then logs its own part of the result. None of them calls another or reads its state: they meet in
+the :class:`FitEndRun` of their trainer, created at ``setup`` and dropped at ``teardown``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import weakref
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from pqv_lightning.callbacks._utils import (
+    check_validation_data,
+    data_loader,
+    resolve_output_dir,
+    timm_model_of,
+    train_loader,
+)
+from pqv_lightning.callbacks.distillation import KnowledgeDistillation
+from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
+from pqv_lightning.pipeline import ExportConfig, PipelineResult, QuantizationConfig, ReportConfig, run_pipeline
+from pqv_lightning.utils.checks import check_identifier
+
+__all__ = ["FitEndCallback", "FitEndRun"]
+
+
+class FitEndRun:
+    """The fit-end chain of one fit: the stages' configs (output folders resolved), the dense model the report
+    compares with, and, once run, the :class:`~pqv_lightning.pipeline.PipelineResult`."""
+
+    _by_trainer: ClassVar[weakref.WeakKeyDictionary[pl.Trainer, FitEndRun]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, trainer: pl.Trainer, stages: list[FitEndCallback]) -> None:
+        kinds = [type(stage).__name__ for stage in stages]
+        twice = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if twice:
+            raise ValueError(
+                f"{', '.join(twice)} is listed more than once in Trainer(callbacks=...); accepted: one of each "
+                "(give all quantization targets or export formats to one callback)."
+            )
+        attributes = sorted({stage.model_attribute for stage in stages})
+        if len(attributes) > 1:
+            raise ValueError(
+                f"The fit-end callbacks name different model attributes {attributes}; accepted: one attribute "
+                f"(model_attribute={attributes[0]!r} on each of {', '.join(kinds)})."
+            )
+        self.model_attribute = attributes[0]
+        configs: dict[str, Any] = {stage.stage: stage.config for stage in stages}
+        for name, default in (("export", "artifacts"), ("report", "report")):
+            if name in configs:  # every rank resolves (trainer.log_dir is collective) and checks it is writable
+                folder = resolve_output_dir(trainer, configs[name].output_dir, default)
+                configs[name] = replace(configs[name], output_dir=folder)
+        self.configs = configs
+        self.dense_model: nn.Module | None = None
+        self.result: PipelineResult | None = None
+        self.done = False
+        report = configs.get("report")
+        changers = [cb for cb in trainer.callbacks if isinstance(cb, ShapeChangingCallback)]
+        if report is not None and report.include_dense and changers and trainer.is_global_zero:
+            changers[0].before_shape_change.subscribe(self._keep_dense)
+
+    @classmethod
+    def join(cls, trainer: pl.Trainer) -> FitEndRun:
+        """The run of ``trainer``'s fit, created by the first fit-end callback that asks (in ``setup``)."""
+        run = cls._by_trainer.get(trainer)
+        if run is None:
+            stages = [cb for cb in trainer.callbacks if isinstance(cb, FitEndCallback)]
+            run = cls._by_trainer[trainer] = cls(trainer, stages)
+        return run
+
+    @classmethod
+    def leave(cls, trainer: pl.Trainer) -> None:
+        cls._by_trainer.pop(trainer, None)
+
+    def _keep_dense(self, dense: nn.Module) -> None:
+        self.dense_model = copy.deepcopy(dense).cpu().float().eval().requires_grad_(False)
+
+    def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PipelineResult | None:
+        """Run the chain once per fit (later calls return the same result) on global rank 0; every rank waits."""
+        if self.done:
+            return self.result
+        try:
+            if trainer.is_global_zero:
+                model = timm_model_of(pl_module, self.model_attribute, "The fit-end callbacks")
+                self.result = run_pipeline(
+                    model,
+                    data_loader(trainer, "val"),
+                    train_loader(trainer),
+                    quantization=self.configs.get("quantization"),
+                    export=self.configs.get("export"),
+                    report=self.configs.get("report"),
+                    dense_model=self.dense_model,
+                    manifest_meta={
+                        "model": type(model).__name__,
+                        "lightning_module": type(pl_module).__name__,
+                        "global_step": trainer.global_step,
+                        "epoch": trainer.current_epoch,
+                    },
+                    report_context=_report_context(trainer),
+                )
+        finally:
+            self.done = True
+            trainer.strategy.barrier("pqv_fit_end")
+        return self.result
+
+
+def _report_context(trainer: pl.Trainer) -> dict[str, Any]:
+    """The report's title and notes: epoch, step, what pruned the model and what it was distilled from."""
+    context: dict[str, Any] = {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    for callback in trainer.callbacks:
+        if isinstance(callback, ShapeChangingCallback) and callback.summary:
+            context["pruning"] = summary_line(callback.summary)
+        if isinstance(callback, KnowledgeDistillation):
+            context["distillation"] = (
+                f"{callback.mode} (T={callback.temperature:g}, alpha={callback.alpha:g}) from "
+                f"{callback.teacher_source or 'the dense model'}"
+            )
+    return context
+
+
+def _config_property(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
+
+
+def _with_config_args(doc: str, config: type) -> str:
+    """``doc`` with the ``Args:`` entries of ``config``'s docstring put first under its own ``Args:``: the fields
+    are documented once, in the config, and still show in the callback's help (LightningCLI reads it)."""
+    marker = "    Args:\n"
+    fields = (config.__doc__ or "").partition(marker)[2]
+    if marker not in doc or not fields:
+        return doc
+    head, _, tail = doc.partition(marker)
+    return head + marker + fields.rstrip() + "\n" + tail
+
+
+class FitEndCallback(Callback):
+    """Base of the fit-end callbacks (see the module docstring): a frozen config and the shared run.
+
+    A subclass names its config class and its stage in the chain (``class MobileExport(FitEndCallback,
+    config=ExportConfig, stage="export")``): every field of the config is then a read-only attribute of the
+    callback, and documented in its ``Args:``. It logs its part of the result in :meth:`log_result`.
+    """
+
+    stage: ClassVar[str] = ""
+    config: QuantizationConfig | ExportConfig | ReportConfig
+
+    def __init_subclass__(cls, config: type | None = None, stage: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if config is None:
+            return
+        cls.stage = stage
+        for field in dataclasses.fields(config):
+            if field.name not in vars(cls):
+                setattr(cls, field.name, _config_property(field.name))
+        cls.__doc__ = _with_config_args(cls.__doc__ or "", config)
+
+    def __init__(self, config: QuantizationConfig | ExportConfig | ReportConfig, model_attribute: str) -> None:
+        super().__init__()
+        self.config = config
+        self.model_attribute = check_identifier("model_attribute", model_attribute)
+        self._run: FitEndRun | None = None
+
+    @property
+    def result(self) -> PipelineResult | None:
+        """What this fit's chain produced (``None`` before fit end, and on ranks other than 0)."""
+        return self._run.result if self._run is not None else None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+        if stage != "fit":
+            return
+        check_validation_data(trainer, type(self).__name__)
+        self._run = FitEndRun.join(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run(trainer, pl_module)
+        if trainer.is_global_zero and self.result is not None:
+            self.log_result(trainer, self.result)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        FitEndRun.leave(trainer)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Run the fit-end chain (once per fit; rank 0 works, every rank waits) and return this stage's part."""
+        if self._run is None:
+            self._run = FitEndRun.join(trainer)
+        self._run.execute(trainer, pl_module)
+        return self.outputs()
+
+    def outputs(self) -> Any:
+        """This stage's part of the result."""
+        raise NotImplementedError
+
+    def log_result(self, trainer: pl.Trainer, result: PipelineResult) -> None:
+        """Report this stage's part on the console and to the loggers (rank 0, after the chain ran)."""
+        raise NotImplementedError

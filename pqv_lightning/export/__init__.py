@@ -1,0 +1,85 @@
+"""Export a vision model to mobile/edge formats, verify every file in its own runtime, and load files back.
+
+The names below are imported on first use (PEP 562), each from the module that holds it, so that a process
+that only loads one file (``python -m pqv_lightning.export.probe``) imports that runtime and nothing else: an
+ONNX probe imports neither torch nor Lightning.
+
+Modules: :mod:`~.formats` (names, suffixes, precisions), :mod:`~.loader` (:func:`load_artifact`),
+:mod:`~.exporter` (:func:`export_artifacts`), :mod:`~.writer` and :mod:`~.verify` (one file written, reloaded
+and checked), :mod:`~.manifest`, one module per format (:mod:`~.torchscript`, :mod:`~.executorch`,
+:mod:`~.onnx`, and :mod:`~.eager` for in-process modules), the graph rewrites (:mod:`~.xnnpack_rewrites`,
+:mod:`~.onnxruntime_rewrites`, :mod:`~.patchify`), :mod:`~.inputs` (tensor argument checks) and :mod:`~.probe`.
+"""
+
+# ruff: noqa: F401  (the TYPE_CHECKING imports are the re-exports that __getattr__ makes at run time)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from pqv_lightning.export.executorch import PteResult, export_pte, run_pte
+    from pqv_lightning.export.exporter import check_output_dir, export_artifacts
+    from pqv_lightning.export.formats import (
+        EXECUTORCH_PRECISIONS,
+        FORMATS,
+        ONNX_PRECISIONS,
+        SUFFIXES,
+        TORCHSCRIPT_METHODS,
+        LoadedArtifact,
+        format_of,
+        validate_formats,
+        validate_precisions,
+    )
+    from pqv_lightning.export.loader import load_artifact
+    from pqv_lightning.export.manifest import MANIFEST_VERSION, ArtifactRecord, environment, write_manifest
+    from pqv_lightning.export.onnx import ONNX_OPSET
+    from pqv_lightning.export.onnxruntime_rewrites import prepare_for_onnxruntime
+    from pqv_lightning.export.patchify import is_patchify_conv, to_patches
+    from pqv_lightning.export.torchscript import optimize_for_mobile_status
+    from pqv_lightning.export.verify import VerifyThresholds
+    from pqv_lightning.export.xnnpack_rewrites import prepare_for_xnnpack
+
+# Each public name and the module it is imported from on first use.
+_MODULE_OF = {
+    "PteResult": "executorch",
+    "export_pte": "executorch",
+    "run_pte": "executorch",
+    "check_output_dir": "exporter",
+    "export_artifacts": "exporter",
+    "EXECUTORCH_PRECISIONS": "formats",
+    "FORMATS": "formats",
+    "ONNX_PRECISIONS": "formats",
+    "SUFFIXES": "formats",
+    "TORCHSCRIPT_METHODS": "formats",
+    "LoadedArtifact": "formats",
+    "format_of": "formats",
+    "validate_formats": "formats",
+    "validate_precisions": "formats",
+    "load_artifact": "loader",
+    "MANIFEST_VERSION": "manifest",
+    "ArtifactRecord": "manifest",
+    "environment": "manifest",
+    "write_manifest": "manifest",
+    "ONNX_OPSET": "onnx",
+    "prepare_for_onnxruntime": "onnxruntime_rewrites",
+    "is_patchify_conv": "patchify",
+    "to_patches": "patchify",
+    "optimize_for_mobile_status": "torchscript",
+    "VerifyThresholds": "verify",
+    "prepare_for_xnnpack": "xnnpack_rewrites",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

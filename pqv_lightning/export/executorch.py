@@ -1,0 +1,255 @@
+"""ExecuTorch (``.pte``) programs lowered to XNNPACK: how they are exported, written and run.
+
+Exporting needs ``executorch.exir`` (imported inside :func:`export_pte`); running needs only the extension
+module ``executorch.extension.pybindings._C``, so that a process that runs a program does not import the
+exporter (``executorch.runtime`` and ``portable_lib`` import ``executorch.exir``: about 7 s).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import importlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from pqv_lightning.export.eager import random_tensor, set_torch_threads
+from pqv_lightning.export.formats import EXECUTORCH_PRECISIONS, LoadedArtifact
+from pqv_lightning.export.inputs import check_tensor, described
+from pqv_lightning.utils.checks import check_bool, check_choice, invalid
+from pqv_lightning.utils.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from pqv_lightning.export.writer import ArtifactWriter
+
+__all__ = [
+    "PteProgram",
+    "PteResult",
+    "export_pte",
+    "load",
+    "load_program",
+    "prepare_runtime",
+    "random_input",
+    "run_pte",
+    "set_threadpool",
+    "write_executorch",
+]
+
+_NON_COMPUTE = {"getitem", "executorch_call_delegate"}
+_INT4_GROUP = 32  # the int4 group size XNNPACK delegates
+
+
+@dataclass
+class PteResult:
+    """A lowered ExecuTorch program and what the XNNPACK partitioner left outside it.
+
+    ``delegated_nodes`` counts the ``call_function`` nodes (``getitem`` excluded) of the graphs handed to
+    XNNPACK, summed over all delegates; ``num_delegates`` is how many delegate calls the program makes.
+    ``outside_ops`` maps each compute operator left in the top-level graph (run by portable kernels) to its
+    count; empty means fully delegated.
+    """
+
+    buffer: bytes
+    delegated_nodes: int
+    outside_ops: dict[str, int]
+    num_delegates: int = 0
+    precision: str = "fp32"
+    prepared: bool = True
+    outside_detail: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _op_name(target: object) -> str:
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_op") or "EdgeOpOverload" in type(target).__name__:
+        schema_name = getattr(target, "_schema", None)
+        if schema_name is not None:
+            overload = schema_name.overload_name or "default"
+            return f"{schema_name.name.split('::')[-1]}.{overload}"
+    return name
+
+
+def _count_lowered(graph_module: torch.fx.GraphModule) -> tuple[int, int, dict[str, int]]:
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    delegated = 0
+    delegates = 0
+    for _, sub in graph_module.named_modules():
+        if isinstance(sub, LoweredBackendModule):
+            delegates += 1
+            delegated += sum(
+                1
+                for n in sub.original_module.graph.nodes
+                if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
+            )
+    outside = collections.Counter(
+        _op_name(n.target)
+        for n in graph_module.graph.nodes
+        if n.op == "call_function" and _op_name(n.target) not in _NON_COMPUTE
+    )
+    return delegated, delegates, dict(sorted(outside.items()))
+
+
+def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: Iterable[Tensor] | None):
+    from pqv_lightning.quantization import quantize, quantize_pt2e
+
+    if precision == "int8":
+        return quantize_pt2e(model, "xnnpack", example, calibration)
+    if precision == "int8_dynamic":
+        return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True)
+    if all(m.in_features % _INT4_GROUP == 0 for m in model.modules() if isinstance(m, nn.Linear)):
+        return quantize(model, "int4_weight:xnnpack", example).module
+    # XNNPACK takes 4-bit weights in groups of 32 or per output channel. Pruned widths (e.g. 144) leave no
+    # group of 32, and torchao's per-channel form does not lower: PT2E's 4-bit per-channel config does.
+    return quantize_pt2e(model, "xnnpack", example, None, weight_bits=4)
+
+
+def export_pte(
+    model: nn.Module,
+    example_input: Tensor,
+    precision: str = "fp32",
+    calibration: Iterable[Tensor] | None = None,
+    prepare: bool = True,
+) -> PteResult:
+    """Export ``model`` to an ExecuTorch program lowered to XNNPACK.
+
+    precision: ``"fp32"``; ``"int8"`` (static, per-channel weights, activations calibrated on
+    ``calibration``, via :func:`pqv_lightning.quantization.quantize_pt2e`); ``"int8_dynamic"`` (PT2E
+    ``XNNPACKQuantizer`` dynamic per-channel); ``"int4"`` (torchao int4 weights in groups of 32 with int8
+    dynamic activations, on ``nn.Linear`` layers). ``prepare=False`` lowers the model as it comes (for
+    comparison); otherwise :func:`~pqv_lightning.export.prepare_for_xnnpack` and the static-reshape rewrite
+    are applied (see :mod:`pqv_lightning.export.xnnpack_rewrites` for why).
+    """
+    check_choice("precision", precision, EXECUTORCH_PRECISIONS)
+    if not isinstance(model, nn.Module):
+        raise invalid("model", described(model), "a torch.nn.Module")
+    check_tensor("example_input", example_input)
+    check_bool("prepare", prepare)
+    if precision == "int8" and calibration is None:
+        raise invalid("calibration", calibration, "calibration batches: precision 'int8' (static) needs them")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.configs import (
+        get_transform_passes,
+        get_xnnpack_edge_compile_config,
+        get_xnnpack_executorch_backend_config,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+
+    from pqv_lightning.export.xnnpack_rewrites import StaticReshapePass, prepare_for_xnnpack
+
+    work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
+    with torch.no_grad():
+        if precision != "fp32":
+            work = _quantize(work, precision, example_input, calibration)
+        exported = torch.export.export(work, (example_input,), strict=False)
+    passes = get_transform_passes([StaticReshapePass()]) if prepare else None
+    edge = to_edge_transform_and_lower(
+        exported,
+        transform_passes=passes,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=get_xnnpack_edge_compile_config(),
+    )
+    delegated, delegates, outside = _count_lowered(edge.exported_program().graph_module)
+    program = edge.to_executorch(get_xnnpack_executorch_backend_config())
+    return PteResult(
+        buffer=program.buffer,
+        delegated_nodes=delegated,
+        outside_ops=outside,
+        num_delegates=delegates,
+        precision=precision,
+        prepared=prepare,
+    )
+
+
+def write_executorch(
+    writer: ArtifactWriter, model: nn.Module, precisions: tuple[str, ...], calibration: Sequence[Tensor] | None
+) -> None:
+    """Write and verify one ``.pte`` per precision (``int8_dynamic`` is recorded as precision ``int8``)."""
+    for precision in precisions:
+
+        def build(path: Path, extra: dict, precision: str = precision) -> None:
+            result = export_pte(model, writer.example_input, precision=precision, calibration=calibration)
+            extra["delegated_nodes"] = int(result.delegated_nodes)
+            extra["outside_ops"] = dict(result.outside_ops)
+            atomic_write_bytes(path, bytes(result.buffer))
+
+        label = "int8" if precision == "int8_dynamic" else precision
+        writer.produce(f"executorch-{precision}", "executorch", label, "xnnpack", f"{precision}.pte", build, _verifier)
+
+
+def _verifier(path: Path):
+    return load(str(path), "executorch", None, None, False).predict
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass(frozen=True)
+class PteProgram:
+    """A loaded program and its ``forward`` method, held together with the buffer they were loaded from: a
+    method must not outlive its program. Calling it runs ``forward`` on a list of inputs."""
+
+    data: bytes
+    program: Any
+    method: Any
+
+    def __call__(self, inputs: list[Tensor]) -> list[Tensor]:
+        return self.method(inputs)
+
+
+def load_program(data: bytes, etdump: bool = False) -> PteProgram:
+    """Load a program from its bytes with the extension module alone (``etdump``: record ETDump events)."""
+    from executorch.extension.pybindings import _C
+
+    program = _C._load_program_from_buffer(
+        data, enable_etdump=etdump, debug_buffer_size=0,
+        program_verification=_C.Verification.InternalConsistency, data_path=None,
+    )  # fmt: skip
+    return PteProgram(data, program, program.load_method("forward"))
+
+
+def set_threadpool(threads: int) -> int:
+    """Fix the ExecuTorch XNNPACK threadpool (process-global; its default is one thread per core) to ``threads``
+    and return the count it reports."""
+    from executorch.extension.pybindings import _C
+
+    if _C._threadpool_get_thread_count() != threads:
+        _C._unsafe_reset_threadpool(threads)
+    return int(_C._threadpool_get_thread_count())
+
+
+def run_pte(program: bytes | str | os.PathLike, inputs: Tensor) -> Tensor:
+    """Run the ``forward`` method of an ExecuTorch program (bytes or a ``.pte`` path) on ``inputs``."""
+    if isinstance(program, (str, os.PathLike)):
+        program = Path(program).read_bytes()
+    if not isinstance(program, (bytes, bytearray)):
+        raise invalid("program", described(program), "the bytes or the path of an ExecuTorch program")
+    return load_program(bytes(program))([inputs.contiguous()])[0]
+
+
+def load(path: str, kind: str, threads: int | None, engine: str | None, ort_spinning: bool) -> LoadedArtifact:
+    """A ``.pte`` file, loaded for its ``forward`` method (``engine`` and ``ort_spinning`` do not apply)."""
+    prepare_runtime(threads)
+    loaded = load_program(Path(path).read_bytes())
+    return LoadedArtifact(kind, lambda x: loaded([x.contiguous()])[0], lambda x: lambda: loaded([x]))
+
+
+def prepare_runtime(threads: int | None) -> None:
+    """Import the extension module; fix torch's intra-op threads and the XNNPACK threadpool (``None``: leave
+    both)."""
+    importlib.import_module("executorch.extension.pybindings._C")
+    set_torch_threads(threads)
+    if threads is not None:
+        set_threadpool(threads)
+
+
+def random_input(shape: list[int]) -> Tensor:
+    return random_tensor(shape)

@@ -1,0 +1,271 @@
+"""ONNX (``.onnx``) files run by onnxruntime: how the FP32, INT8 and INT8 QDQ files are written and run.
+
+Importing this module imports neither torch nor onnxruntime: the loader imports onnxruntime (and numpy) only,
+so a process that runs an ONNX file never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pqv_lightning.export.formats import LoadedArtifact
+from pqv_lightning.utils.errors import error_summary
+from pqv_lightning.utils.io import atomic_write
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from pqv_lightning.export.writer import ArtifactWriter
+
+__all__ = ["ONNX_OPSET", "load", "ort_session", "prepare_runtime", "random_input", "write_onnx"]
+
+log = logging.getLogger(__name__)
+
+ONNX_OPSET = 18  # the torch.onnx (dynamo) exporter's native opset; onnxruntime 1.31 runs it
+_LEGACY_OPSET = 17
+
+
+# --------------------------------------------------------------------------- run
+
+
+def ort_session(path: str, threads: int | None = None, spinning: bool = False, profile_prefix: str | None = None):
+    """An onnxruntime CPU session of ``path``.
+
+    ``threads``: ``intra_op_num_threads`` with inter-op 1 and, unless ``spinning``, idle intra-op workers that
+    do not spin; ``None`` keeps onnxruntime's session defaults. ORT's idle workers spin by default; in one
+    process next to torch's OpenMP pool (and on a shared machine) that spinning steals the cores the other
+    runtimes time on (measured: torch eager 6x slower on 2 cores while an idle spinning ORT session exists).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def load(path: str, kind: str, threads: int | None, engine: str | None, ort_spinning: bool) -> LoadedArtifact:
+    """An ONNX file in an onnxruntime session (see :func:`ort_session`); ``engine`` does not apply."""
+    session = ort_session(path, threads, ort_spinning)
+    name = session.get_inputs()[0].name
+
+    def bind(x: Any):
+        feed = {name: x}
+        return lambda: session.run(None, feed)
+
+    return LoadedArtifact(kind, lambda x: session.run(None, {name: x})[0], bind, takes_numpy=True)
+
+
+def prepare_runtime(threads: int | None) -> None:
+    """Import onnxruntime (its threads are set per session)."""
+    import onnxruntime  # noqa: F401
+
+
+def random_input(shape: list[int]) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- write
+
+
+def _export_proto(model: nn.Module, example_input: Tensor, extra: dict):
+    """ONNX model proto from the dynamo exporter; the legacy TorchScript exporter if that fails."""
+    import io
+
+    import onnx
+    import torch
+
+    try:
+        program = torch.onnx.export(
+            model, (example_input,), dynamo=True, opset_version=ONNX_OPSET, external_data=False, verbose=False
+        )
+        extra["onnx_exporter"] = "dynamo"
+        extra["opset"] = ONNX_OPSET
+        return program.model_proto
+    except Exception as e:
+        extra["onnx_exporter"] = "legacy (torchscript-based)"
+        extra["dynamo_failed"] = error_summary(e, limit=600)
+        log.warning("torch.onnx dynamo export failed (%s); using the legacy exporter", extra["dynamo_failed"])
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model, (example_input,), buf, dynamo=False, opset_version=_LEGACY_OPSET,
+        input_names=["input"], output_names=["logits"],
+    )  # fmt: skip
+    extra["opset"] = _LEGACY_OPSET
+    return onnx.load_from_string(buf.getvalue())
+
+
+class _CalibrationReader:
+    """onnxruntime ``CalibrationDataReader`` over calibration images cut to the export batch size."""
+
+    def __init__(self, input_name: str, images: Sequence[Tensor], batch_size: int) -> None:
+        import torch
+
+        flat = torch.cat([t.float() for t in images])
+        n = (flat.shape[0] // batch_size) * batch_size
+        if n == 0:
+            raise ValueError(f"calibration holds {flat.shape[0]} images, fewer than the export batch {batch_size}")
+        self._feeds = iter([{input_name: chunk.numpy()} for chunk in flat[:n].split(batch_size)])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+class _OnnxBuilder:
+    """The files of one model: the exported graphs are made once and shared by every precision."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Tensor,
+        work_root: Path,
+        calibration: Sequence[Tensor] | None,
+        per_channel: bool,
+        reduce_range: bool,
+        optimize: bool,
+    ) -> None:
+        self.model, self.example_input, self.work_root = model, example_input, work_root
+        self.calibration, self.per_channel, self.reduce_range, self.optimize = (
+            calibration, per_channel, reduce_range, optimize,
+        )  # fmt: skip
+        self._plain: tuple[Any, dict] | None = None
+        self._prepared: tuple[Any, dict, dict] | None = None
+
+    def fp32_proto(self, extra: dict):
+        if self._plain is None:
+            made: dict = {}
+            self._plain = (_export_proto(self.model, self.example_input, made), made)
+        extra.update(self._plain[1])
+        return self._plain[0]
+
+    def write_fp32(self, path: Path, extra: dict) -> None:
+        import onnx
+
+        proto = self.fp32_proto(extra)
+        atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp)))
+
+    def preprocessed(self, work: Path, extra: dict) -> Path:
+        import onnx
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src = work / "fp32.onnx"
+        onnx.save_model(self.fp32_proto(extra), str(src))
+        # onnxruntime's shape inference + graph cleanup: its quantizer fails on raw dynamo graphs without it.
+        dst = work / "fp32.pre.onnx"
+        quant_pre_process(str(src), str(dst))
+        return dst
+
+    def optimized(self, work: Path, extra: dict) -> Path:
+        """The model rewritten by ``prepare_for_onnxruntime``, exported, fused and shape-inferred."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        from pqv_lightning.export.onnxruntime_rewrites import fuse_for_onnxruntime, prepare_for_onnxruntime
+
+        if self._prepared is None:
+            prepared, counts = prepare_for_onnxruntime(self.model)
+            made: dict = {}
+            self._prepared = (_export_proto(prepared, self.example_input, made), made, counts)
+        proto, made, counts = self._prepared
+        extra.update(made)
+        extra["prepared_for_onnxruntime"] = dict(counts)
+        fused = work / "fused.onnx"
+        fuse_for_onnxruntime(proto, fused, extra)
+        dst = work / "fused.pre.onnx"
+        quant_pre_process(str(fused), str(dst), skip_optimization=True)
+        return dst
+
+    def _write_quantized(self, path: Path, extra: dict, how: str, quantize: Callable[[str], None]) -> None:
+        """Record how the file is quantized, then write it atomically with ``quantize(out_path)``."""
+        extra.update(quantization=how, per_channel=self.per_channel, reduce_range=self.reduce_range)
+        atomic_write(path, lambda tmp: quantize(str(tmp)))
+
+    def write_int8(self, path: Path, extra: dict) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory(dir=self.work_root, prefix=".onnx-work-") as work:
+            src = None
+            if self.optimize:
+                stage: dict = {}
+                try:
+                    src = self.optimized(Path(work), stage)
+                    extra.update(stage)
+                except Exception as e:  # the plain graph below is still a correct int8 model
+                    reason = error_summary(e, limit=600)
+                    extra["onnxruntime_optimization_failed"] = reason
+                    log.warning("onnx int8: onnxruntime fusion failed (%s); quantizing the plain graph", reason)
+            extra["onnxruntime_optimized"] = src is not None
+            if src is None:
+                src = self.preprocessed(Path(work), extra)
+            self._write_quantized(
+                path, extra, "dynamic (MatMul/Gemm/Attention weights int8, activations uint8 quantized at run time)",
+                lambda out: quantize_dynamic(
+                    str(src), out, weight_type=QuantType.QInt8, per_channel=self.per_channel,
+                    reduce_range=self.reduce_range,
+                ),
+            )  # fmt: skip
+
+    def write_qdq(self, path: Path, extra: dict) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if not self.calibration:
+            raise ValueError("onnx precision 'int8_qdq' needs calibration images")
+        with tempfile.TemporaryDirectory(dir=self.work_root, prefix=".onnx-work-") as work:
+            src = self.preprocessed(Path(work), extra)
+            input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+            reader = _CalibrationReader(input_name, self.calibration, self.example_input.shape[0])
+            self._write_quantized(
+                path, extra, "static QDQ (int8 weights and activations, MinMax calibration)",
+                lambda out: quantize_static(
+                    str(src), out, reader, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
+                    reduce_range=self.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                ),
+            )  # fmt: skip
+
+
+def write_onnx(
+    writer: ArtifactWriter,
+    model: nn.Module,
+    precisions: tuple[str, ...],
+    calibration: Sequence[Tensor] | None,
+    per_channel: bool,
+    reduce_range: bool,
+    optimize: bool = True,
+) -> None:
+    """Write and verify the ONNX files of ``precisions`` (``"fp32"``, ``"int8"``, ``"int8_qdq"``).
+
+    ``int8`` is onnxruntime dynamic quantization; with ``optimize`` it quantizes the graph of
+    :func:`~pqv_lightning.export.prepare_for_onnxruntime` after :func:`fuse_for_onnxruntime`, and falls back to
+    the plain exported graph (recording why) if any of that fails. ``int8_qdq`` is static QDQ calibrated on
+    ``calibration``.
+    """
+    builder = _OnnxBuilder(
+        model, writer.example_input, writer.out_dir, calibration, per_channel, reduce_range, optimize
+    )
+    files = {
+        "fp32": ("onnx-fp32", "fp32", "fp32.onnx", builder.write_fp32),
+        "int8": ("onnx-int8", "int8", "int8.onnx", builder.write_int8),
+        "int8_qdq": ("onnx-int8_qdq", "int8", "int8_qdq.onnx", builder.write_qdq),
+    }
+    for precision in ("fp32", "int8", "int8_qdq"):
+        if precision in precisions:
+            name, label, filename, build = files[precision]
+            writer.produce(name, "onnx", label, "onnxruntime-cpu", filename, build, _verifier)
+
+
+def _verifier(path: Path):
+    return load(str(path), "onnx", None, None, False).predict

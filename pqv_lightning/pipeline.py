@@ -1,0 +1,498 @@
+"""The fit-end chain without Lightning: quantize -> export -> measure and report, in that order, once.
+
+Three frozen configs say what each stage does (:class:`QuantizationConfig`, :class:`ExportConfig`,
+:class:`ReportConfig`); :func:`run_pipeline` runs the stages that have a config on a trained model with its
+validation (and calibration) data, and returns everything they produced in one :class:`PipelineResult`. A stage
+that fails is recorded there and the later stages go on with what there is: at the end of a long fit nothing
+already produced may be lost to a later failure.
+
+The Lightning callbacks :class:`~pqv_lightning.callbacks.Quantization`, :class:`~pqv_lightning.callbacks.MobileExport`
+and :class:`~pqv_lightning.callbacks.TradeoffReport` each hold one config, and the first of them to reach fit end
+runs this chain for all of them; ``pqv-export`` and ``pqv-sweep`` call it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pqv_lightning.checkpoint import current_structure
+from pqv_lightning.export import (
+    EXECUTORCH_PRECISIONS,
+    FORMATS,
+    ONNX_PRECISIONS,
+    ArtifactRecord,
+    export_artifacts,
+    validate_formats,
+    validate_precisions,
+    write_manifest,
+)
+from pqv_lightning.measure import operator_profile
+from pqv_lightning.quantization import (
+    QuantizationResult,
+    QuantizationTarget,
+    evaluate,
+    parse_targets,
+    quantize_and_evaluate,
+    top1_agreement,
+)
+from pqv_lightning.report import EagerVariant, TradeoffPoint, measure_tradeoffs, write_report
+from pqv_lightning.utils.batches import collect_batches
+from pqv_lightning.utils.checks import check_bool, check_choice, check_int, invalid
+from pqv_lightning.utils.errors import error_summary
+
+__all__ = [
+    "CALIBRATION_SPLITS",
+    "MANIFEST_NAME",
+    "ExportConfig",
+    "ExportOutcome",
+    "PipelineResult",
+    "QuantizationConfig",
+    "ReportConfig",
+    "artifacts_table",
+    "export_stage",
+    "run_pipeline",
+]
+
+CALIBRATION_SPLITS = ("train", "val")
+MANIFEST_NAME = "manifest.json"
+
+
+def _check_output_dir(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise invalid("output_dir", value, "None (the default folder) or a folder path")
+    return Path(value)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Post-training quantization variants of the trained model, each evaluated beside the float model.
+
+    Args:
+        targets: ``"method[:backend]"`` specs, e.g. ``"int8_dynamic:x86"``, ``"int8_static:qnnpack"``,
+            ``"int8_pt2e:xnnpack"``, ``"fp16"``, ``"int4_weight"`` (see ``supported_targets()``); kept parsed.
+        calibration_batches: batches of ``calibration_split`` that calibrate activation ranges
+            (``int8_static``, ``int8_pt2e``).
+        calibration_split: ``"train"`` or ``"val"``.
+        eval_batches: validation batches to evaluate on (``None``: all).
+    """
+
+    targets: tuple[QuantizationTarget, ...] = ("int8_dynamic:x86",)
+    calibration_batches: int = 8
+    calibration_split: str = "train"
+    eval_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(parse_targets(self.targets, self.calibration_batches)))
+        check_choice("calibration_split", self.calibration_split, CALIBRATION_SPLITS)
+        check_int("eval_batches", self.eval_batches, 1, allow_none=True)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether some target calibrates on data (and ``calibration_batches`` gives it some)."""
+        return bool(self.calibration_batches) and any(t.calibrated for t in self.targets)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Deployable files of the trained model and of its TorchScript-able quantized variants, each verified.
+
+    Args:
+        formats: any of ``"torchscript"``, ``"lite"``, ``"executorch"``, ``"onnx"``.
+        output_dir: where the files and ``manifest.json`` go (the Lightning face defaults it to the log dir).
+        executorch_precisions: ``"fp32"``, ``"int8"`` (static, calibrated), ``"int8_dynamic"``, ``"int4"``.
+        onnx_precisions: ``"fp32"``, ``"int8"`` (onnxruntime dynamic), ``"int8_qdq"`` (static, calibrated).
+        val_batches: validation batches every artifact is verified on (``None``: all).
+        batch_size: the fixed batch size the files are exported for.
+        calibration_batches: batches of ``calibration_split`` for the calibrated precisions.
+        calibration_split: ``"train"`` or ``"val"``.
+        prefix: file name prefix (``<prefix><variant>.<ext>``).
+    """
+
+    formats: tuple[str, ...] = FORMATS
+    output_dir: Path | None = None
+    executorch_precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    onnx_precisions: tuple[str, ...] = ("fp32", "int8")
+    val_batches: int | None = None
+    batch_size: int = 1
+    calibration_batches: int = 8
+    calibration_split: str = "train"
+    prefix: str = "model_"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", validate_formats(self.formats))
+        et = validate_precisions(self.executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
+        object.__setattr__(self, "executorch_precisions", et)
+        onnx = validate_precisions(self.onnx_precisions, ONNX_PRECISIONS, "onnx")
+        object.__setattr__(self, "onnx_precisions", onnx)
+        object.__setattr__(self, "output_dir", _check_output_dir(self.output_dir))
+        check_int("val_batches", self.val_batches, 1, allow_none=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("calibration_batches", self.calibration_batches, 0)
+        if self.calibration_batches == 0 and self.needs_calibration:
+            raise invalid(
+                "calibration_batches",
+                0,
+                "an int >= 1, because executorch 'int8' / onnx 'int8_qdq' calibrate on data (or drop those precisions)",
+            )
+        check_choice("calibration_split", self.calibration_split, CALIBRATION_SPLITS)
+        prefix = self.prefix
+        if not isinstance(prefix, str) or os.sep in prefix or (os.altsep and os.altsep in prefix):
+            raise invalid("prefix", prefix, "a file name prefix without path separators")
+
+    def artifact_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pqv_lightning.export.export_artifacts` this config sets."""
+        return {
+            "executorch_precisions": self.executorch_precisions,
+            "onnx_precisions": self.onnx_precisions,
+            "prefix": self.prefix,
+        }
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether these formats and precisions calibrate on images (ExecuTorch static int8, ONNX QDQ)."""
+        return ("executorch" in self.formats and "int8" in self.executorch_precisions) or (
+            "onnx" in self.formats and "int8_qdq" in self.onnx_precisions
+        )
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The latency / memory / accuracy trade-off of every variant, measured in its own runtime.
+
+    Args:
+        output_dir: where ``report.md``, ``report.json`` and the plots go.
+        threads: threads of every runtime (fixed and stated in the report).
+        warmup, runs: untimed and timed calls per variant at batch 1.
+        batch: the larger batch measured too (``None``: batch 1 only).
+        memory: measure each file's peak RSS in a fresh process (a few seconds per file).
+        profile: per-operator profile of ``"fastest"`` (the fastest verified file), a variant name, or ``None``.
+        profile_top: operators shown in the profile.
+        include_dense: measure the dense model the network was pruned from, when there is one.
+        val_batches: validation batches the eager variants are evaluated on (``None``: all).
+    """
+
+    output_dir: Path | None = None
+    threads: int = 1
+    warmup: int = 10
+    runs: int = 50
+    batch: int | None = 16
+    memory: bool = True
+    profile: str | None = "fastest"
+    profile_top: int = 15
+    include_dense: bool = True
+    val_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", _check_output_dir(self.output_dir))
+        check_int("threads", self.threads, 1)
+        check_int("warmup", self.warmup, 0)
+        check_int("runs", self.runs, 1)
+        check_int("batch", self.batch, 2, allow_none=True)
+        check_int("profile_top", self.profile_top, 1)
+        check_int("val_batches", self.val_batches, 1, allow_none=True)
+        check_bool("memory", self.memory)
+        check_bool("include_dense", self.include_dense)
+        if self.profile is not None and (not isinstance(self.profile, str) or not self.profile):
+            raise invalid("profile", self.profile, "'fastest', a variant name, or None")
+
+    def measure_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`pqv_lightning.report.measure_tradeoffs` this config sets."""
+        return {k: getattr(self, k) for k in ("threads", "warmup", "runs", "batch", "memory")}
+
+
+@dataclass
+class ExportOutcome:
+    """What the export stage produced: one record per artifact, the manifest, and a whole-stage error."""
+
+    records: list[ArtifactRecord] = field(default_factory=list)
+    manifest: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    """Everything one run of the chain produced; a stage that did not run or failed leaves its defaults."""
+
+    float_metrics: dict[str, float] = field(default_factory=dict)
+    quantization: list[QuantizationResult] = field(default_factory=list)
+    quantization_error: str | None = None
+    export: ExportOutcome = field(default_factory=ExportOutcome)
+    points: list[TradeoffPoint] = field(default_factory=list)
+    report_files: dict[str, Path] = field(default_factory=dict)
+    report_error: str | None = None
+    profile_error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def artifacts_table(records: Sequence[ArtifactRecord]) -> str:
+    """A Markdown table of the exported files: status, parity with the eager float model, accuracy, size."""
+
+    def num(value: float | None, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    rows = [
+        "| artifact | format | precision | status | agreement | max abs diff | top-1 | size KiB | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        size = None if r.size_bytes is None else r.size_bytes / 1024
+        note = (r.reason or "").replace("|", "/")[:160]
+        rows.append(
+            f"| {r.name} | {r.format} | {r.precision} | {r.status} | {num(r.top1_agreement, '.4f')} "
+            f"| {num(r.max_abs_logit_diff, '.3g')} | {num(r.val_top1, '.4f')} | {num(size, '.1f')} | {note} |"
+        )
+    return "\n".join(rows)
+
+
+def export_stage(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    config: ExportConfig,
+    val_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    quantized: Sequence[QuantizationResult] = (),
+    calibration: Sequence[torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> ExportOutcome:
+    """Export a CPU copy of ``model`` (and the TorchScript-able ``quantized`` variants), verify every file, and
+    write the manifest.
+
+    Never raises for a failure of the export itself: per-artifact failures are in the records, and a failure
+    of the whole call is the outcome's ``error`` (also written to the manifest's ``meta.error``).
+    """
+    out = Path(out_dir)
+    manifest = out / MANIFEST_NAME
+    variants = [r.quantized for r in quantized if r.quantized is not None]
+    float_model = copy.deepcopy(model).cpu().float().eval()
+    batch_size = config.batch_size
+    example = val_batches[0][0][:batch_size]
+    if example.shape[0] < batch_size:
+        example = torch.cat([example, example[-1:].expand(batch_size - example.shape[0], *example.shape[1:])])
+    meta = dict(meta or {})
+    meta.update(
+        formats=list(config.formats),
+        executorch_precisions=list(config.executorch_precisions),
+        onnx_precisions=list(config.onnx_precisions),
+        batch_size=batch_size,
+        verified_on_images=sum(int(labels.shape[0]) for _, labels in val_batches),
+        quantized_variants=[q.target.name for q in variants],
+        parameters=sum(p.numel() for p in float_model.parameters()),
+        pruned=current_structure(model) is not None,
+    )
+    outcome = ExportOutcome(manifest=manifest)
+    start = time.perf_counter()
+    try:
+        outcome.records = export_artifacts(
+            float_model, out, config.formats, example.contiguous(), val_batches, quantized=variants,
+            calibration=calibration, **config.artifact_options(),
+        )  # fmt: skip
+    except Exception as err:  # the fit is over: report the failure, never lose the trained model to it
+        outcome.error = error_summary(err)
+        meta["error"] = outcome.error
+    meta["export_seconds"] = round(time.perf_counter() - start, 2)
+    try:
+        write_manifest(outcome.records, manifest, meta)
+    except OSError as err:
+        outcome.error = (outcome.error + "; " if outcome.error else "") + f"manifest not written: {error_summary(err)}"
+    return outcome
+
+
+def _quantization_meta(float_metrics: dict[str, float], results: Sequence[QuantizationResult]) -> dict[str, Any]:
+    variants = {}
+    for r in results:
+        variants[r.name] = {"target": str(r.target), **r.metrics()} if r.error is None else {"error": r.error}
+    return {"float": dict(float_metrics), "variants": variants}
+
+
+class _Data:
+    """The validation and training loaders, read per stage in the order the stages ask (each its own count)."""
+
+    def __init__(self, val: Iterable, train: Iterable | None) -> None:
+        self._loaders = {"val": val, "train": train}
+
+    def batches(self, split: str, count: int | None, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = self._loaders[split]
+        if loader is None:
+            raise RuntimeError(f"No {split} data: {what} needs a {split} data loader.")
+        return collect_batches(loader, count, what)
+
+
+def run_pipeline(
+    model: nn.Module,
+    val_loader: Iterable,
+    train_loader: Iterable | None = None,
+    *,
+    quantization: QuantizationConfig | None = None,
+    export: ExportConfig | None = None,
+    report: ReportConfig | None = None,
+    dense_model: nn.Module | None = None,
+    manifest_meta: dict[str, Any] | None = None,
+    report_context: dict[str, Any] | None = None,
+) -> PipelineResult:
+    """Run quantize -> export -> measure/report (the stages given a config) on ``model``; never modifies it.
+
+    ``export.output_dir`` and ``report.output_dir`` must be set. ``dense_model`` is the network ``model`` was
+    pruned from (the report's dense row, with ``report.include_dense``). ``manifest_meta`` is plain data about
+    the run recorded in the manifest (with the quantization results added); ``report_context`` feeds the report's
+    title and notes (``epoch``, ``global_step``, ``pruning``, ``distillation``, ``note``). Each stage reads its own
+    validation and calibration batches, in the order quantization, export, report.
+    """
+    for name, config in (("export", export), ("report", report)):
+        if config is not None and config.output_dir is None:
+            raise invalid(f"{name}.output_dir", None, "a folder path")
+    context = dict(report_context or {})
+    data = _Data(val_loader, train_loader)
+    result = PipelineResult()
+    if quantization is not None:
+        try:
+            val = data.batches("val", quantization.eval_batches, "validation")
+            calibration = None
+            if quantization.calibrates:
+                split = quantization.calibration_split
+                calibration = data.batches(split, quantization.calibration_batches, split)
+            result.float_metrics, result.quantization = quantize_and_evaluate(
+                model, quantization.targets, val, calibration
+            )
+        except Exception as err:  # the export and report still run, without the quantized variants
+            result.quantization_error = error_summary(err)
+    if export is not None:
+        export_meta = dict(manifest_meta or {})
+        if quantization is not None:
+            export_meta["quantization"] = _quantization_meta(result.float_metrics, result.quantization)
+        try:
+            val = data.batches("val", export.val_batches, "validation")
+            calibration = None
+            if export.calibration_batches and export.needs_calibration:
+                images = data.batches(export.calibration_split, export.calibration_batches, "calibration")
+                calibration = [x for x, _ in images]
+        except Exception as err:
+            result.export = ExportOutcome(error=f"nothing exported, the data could not be read: {error_summary(err)}")
+        else:
+            result.export = export_stage(
+                model, export.output_dir, export, val, result.quantization, calibration, export_meta
+            )
+    if report is not None:
+        try:
+            _report_stage(result, model, data, report, dense_model, context)
+        except Exception as err:  # the report is a view of what was produced: never lose the rest to it
+            result.report_error = error_summary(err)
+    return result
+
+
+def _report_stage(
+    result: PipelineResult,
+    model: nn.Module,
+    data: _Data,
+    config: ReportConfig,
+    dense_model: nn.Module | None,
+    context: dict[str, Any],
+) -> None:
+    model = copy.deepcopy(model).cpu().float().eval()
+    val = data.batches("val", config.val_batches, "validation")
+    network = "pruned" if current_structure(model) is not None else "float"
+    quantized = [
+        EagerVariant(
+            f"{r.target.name} eager",
+            network,
+            r.target.method,
+            r.quantized.module,
+            backend=r.target.backend or "-",
+            top1=r.top1,
+            top5=r.top5,
+            agreement=r.top1_agreement,
+        )
+        for r in result.quantization
+        if r.quantized is not None
+    ]
+    float_metrics = result.float_metrics or {k: v / 100 for k, v in evaluate(model, val).items()}
+    eager = [
+        EagerVariant(
+            f"{network} fp32 eager",
+            network,
+            "fp32",
+            model,
+            top1=float_metrics.get("top1"),
+            top5=float_metrics.get("top5"),
+            agreement=1.0,
+        )
+    ]
+    networks: dict[str, nn.Module] = {network: model}
+    if dense_model is not None and config.include_dense:
+        dense = copy.deepcopy(dense_model).cpu().float().eval().requires_grad_(False)
+        metrics = evaluate(dense, val)
+        eager.insert(
+            0,
+            EagerVariant(
+                "dense fp32 eager",
+                "dense",
+                "fp32",
+                dense,
+                top1=metrics["top1"] / 100,
+                top5=metrics["top5"] / 100,
+                agreement=top1_agreement(model, dense, val),
+            ),
+        )
+        networks["dense"] = dense
+    eager += quantized
+    example = val[0][0][:1]
+    previous_threads = torch.get_num_threads()
+    try:
+        result.points = measure_tradeoffs(
+            eager, result.export.records, example, networks=networks, files_network=network,
+            **config.measure_options(),
+        )  # fmt: skip
+        profile, profile_of = _profile(result, config, example, eager)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report_meta: dict[str, Any] = {
+        "title": f"{type(model).__name__}, {network} network, epoch {context.get('epoch', '-')}",
+        "threads": config.threads,
+        "warmup": config.warmup,
+        "runs": config.runs,
+        "val_images": sum(int(labels.shape[0]) for _, labels in val),
+        "global_step": context.get("global_step"),
+    }
+    report_meta.update({k: context[k] for k in ("pruning", "distillation", "note") if context.get(k)})
+    if result.profile_error:
+        report_meta["operator_profile_error"] = result.profile_error
+    result.report_files = write_report(result.points, config.output_dir, report_meta, profile, profile_of)
+
+
+def _profile(
+    result: PipelineResult, config: ReportConfig, example: torch.Tensor, eager: list[EagerVariant]
+) -> tuple[list, str | None]:
+    """The operator profile the report shows: of the fastest verified file, or of the variant named."""
+    if config.profile is None:
+        return [], None
+    measured = [p for p in result.points if p.latency is not None and p.status == "ok"]
+    if config.profile == "fastest":
+        files = [p for p in measured if p.path]
+        chosen = min(files or measured, key=lambda p: p.latency_ms, default=None)
+    else:
+        chosen = next((p for p in measured if p.name == config.profile), None)
+        if chosen is None:
+            names = ", ".join(p.name for p in measured)
+            result.warnings.append(f"profile={config.profile!r} is not a measured variant; these are: {names}")
+            return [], None
+    if chosen is None:
+        return [], None
+    target: Any = chosen.path if chosen.path else next(v.module for v in eager if v.name == chosen.name)
+    engine = (
+        chosen.backend if chosen.runtime in ("torchscript", "lite") and chosen.precision.startswith("int8") else None
+    )
+    try:
+        ops = operator_profile(target, chosen.runtime, example, config.profile_top, config.threads, engine=engine)
+    except Exception as err:  # a profiler that fails leaves the rest of the report intact
+        result.profile_error = f"operator profile of {chosen.name} failed: {error_summary(err)}"
+        return [], None
+    return ops, f"{chosen.name} ({chosen.runtime}, {config.threads} thread(s))"

@@ -1,0 +1,163 @@
+"""The trade-off plots, drawn on bare matplotlib Figures and saved atomically; the figure helpers are shared
+with the sweep's plots."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pqv_lightning.measure import OpTime
+from pqv_lightning.report.tradeoff import TradeoffPoint
+from pqv_lightning.utils.io import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "PLOTS",
+    "new_figure",
+    "plain_log_ticks",
+    "plot_accuracy_vs_latency",
+    "plot_latency_per_backend",
+    "plot_operator_profile",
+    "plot_size_vs_accuracy",
+    "save_figure",
+]
+
+PLOTS = ("accuracy_vs_latency", "size_vs_accuracy", "latency_per_backend", "operator_profile")
+_RUNTIME_COLORS = {
+    "eager": "#4c72b0",
+    "torchscript": "#dd8452",
+    "lite": "#937860",
+    "onnx": "#55a868",
+    "executorch": "#c44e52",
+}
+_NETWORK_MARKERS = {"dense": "s", "pruned": "o", "float": "o"}
+_MIB = 2**20
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save ``fig`` as a PNG atomically (no half-written image is ever visible)."""
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return path
+
+
+def new_figure(width: float = 8.0, height: float = 5.5, ncols: int = 1) -> tuple[Figure, Any]:
+    """A bare Figure (no pyplot: no GUI backend, no global figure registry to leak into) and its axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot() if ncols == 1 else fig.subplots(1, ncols)
+
+
+def _label(p: TradeoffPoint) -> str:
+    return p.name.removeprefix("model_")
+
+
+def _annotate(ax: Any, labelled: Sequence[tuple[str, float, float]]) -> None:
+    """Small labels beside the points; points sharing a y value get staggered offsets so labels do not stack."""
+    seen: dict[float, int] = {}
+    for text, x, y in sorted(labelled, key=lambda t: (t[2], t[1])):
+        k = seen.get(round(y, 6), 0)
+        seen[round(y, 6)] = k + 1
+        ax.annotate(text, (x, y), fontsize=6.5, xytext=(4, 3 - 9 * (k % 3)), textcoords="offset points")
+
+
+def plain_log_ticks(axis: Any) -> None:
+    """Log-scale ticks as plain numbers (0.2, 0.5, 1, 2), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+
+
+def plot_accuracy_vs_latency(points: Sequence[TradeoffPoint], subtitle: str = "") -> Figure:
+    """Top-1 vs batch-1 latency, colour = runtime, marker = network, the Pareto front as a line."""
+    fig, ax = new_figure()
+    shown = [p for p in points if p.latency_ms is not None and p.top1 is not None]
+    for runtime, color in _RUNTIME_COLORS.items():
+        for network, marker in _NETWORK_MARKERS.items():
+            group = [p for p in shown if p.runtime == runtime and p.network == network]
+            if group:
+                ax.scatter(
+                    [p.latency_ms for p in group], [p.top1 * 100 for p in group], color=color, marker=marker,
+                    s=46, label=f"{runtime} ({network})", edgecolors="black", linewidths=0.4, zorder=3,
+                )  # fmt: skip
+    front = sorted((p for p in shown if p.pareto), key=lambda p: p.latency_ms)
+    if front:
+        ax.step(
+            [p.latency_ms for p in front], [p.top1 * 100 for p in front], where="post", color="black",
+            linestyle="--", linewidth=1, label="Pareto front", zorder=2,
+        )  # fmt: skip
+    _annotate(ax, [(_label(p), p.latency_ms, p.top1 * 100) for p in shown])
+    ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("latency per image, batch 1 (ms, median, log scale)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Accuracy vs latency" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_size_vs_accuracy(points: Sequence[TradeoffPoint], subtitle: str = "") -> Figure:
+    """File size vs top-1 for every exported file (eager variants have no file)."""
+    fig, ax = new_figure()
+    shown = [p for p in points if p.size_bytes and p.top1 is not None and p.status == "ok"]
+    for runtime, color in _RUNTIME_COLORS.items():
+        group = [p for p in shown if p.runtime == runtime]
+        if group:
+            ax.scatter(
+                [p.size_bytes / _MIB for p in group], [p.top1 * 100 for p in group], color=color, s=46,
+                label=runtime, edgecolors="black", linewidths=0.4, zorder=3,
+            )  # fmt: skip
+    _annotate(ax, [(_label(p), p.size_bytes / _MIB, p.top1 * 100) for p in shown])
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Size vs accuracy (exported files)" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if shown:
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_latency_per_backend(points: Sequence[TradeoffPoint], subtitle: str = "") -> Figure:
+    """Median batch-1 latency of every measured variant (bar) with its p90 (whisker), fastest at the top."""
+    shown = sorted((p for p in points if p.latency is not None), key=lambda p: p.latency_ms, reverse=True)
+    fig, ax = new_figure(8.0, max(3.0, 0.32 * len(shown) + 1.5))
+    y = range(len(shown))
+    ax.barh(
+        list(y), [p.latency_ms for p in shown],
+        xerr=[[0] * len(shown), [p.latency.p90_ms - p.latency_ms for p in shown]],
+        color=[_RUNTIME_COLORS.get(p.runtime, "grey") for p in shown], edgecolor="black", linewidth=0.4,
+        error_kw={"elinewidth": 0.8, "capsize": 2},
+    )  # fmt: skip
+    ax.set_yticks(list(y), [f"{_label(p)} [{p.backend}]" for p in shown], fontsize=7)
+    ax.set_xlabel("latency per image, batch 1 (ms): median, whisker to p90")
+    ax.set_title("Latency per runtime and backend" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    runtimes = [r for r in _RUNTIME_COLORS if any(p.runtime == r for p in shown)]
+    if runtimes:
+        ax.legend(handles=[Patch(color=_RUNTIME_COLORS[r], label=r) for r in runtimes], fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_operator_profile(profile: Sequence[OpTime], title: str) -> Figure:
+    """Horizontal bars: each operator's share of the forward pass (PQV-Mobile's figure 3)."""
+    rows = list(reversed(profile))
+    fig, ax = new_figure(8.0, max(3.0, 0.3 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [op.total_ms for op in rows], color="#4c72b0", edgecolor="black", linewidth=0.4)
+    ax.set_yticks(range(len(rows)), [op.op[:60] for op in rows], fontsize=7)
+    for i, op in enumerate(rows):
+        ax.annotate(
+            f"{op.share * 100:.1f}%", (op.total_ms, i), fontsize=6.5, xytext=(3, -2), textcoords="offset points"
+        )
+    ax.set_xlabel("time per forward pass (ms)")
+    ax.set_title(f"Where the time goes: {title}", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
