@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from pqv_lightning.export.patchify import is_patchify_conv, to_patches
     from pqv_lightning.export.torchscript import optimize_for_mobile_status
     from pqv_lightning.export.verify import VerifyThresholds
-    from pqv_lightning.export.xnnpack_rewrites import prepare_for_xnnpack
+    from pqv_lightning.export.xnnpack_rewrites import prepare_for_xnnpack, register_xnnpack_rewrite
 
 # Each public name and the module it is imported from on first use.
 _MODULE_OF = {
@@ -68,6 +68,7 @@ _MODULE_OF = {
     "optimize_for_mobile_status": "torchscript",
     "VerifyThresholds": "verify",
     "prepare_for_xnnpack": "xnnpack_rewrites",
+    "register_xnnpack_rewrite": "xnnpack_rewrites",
 }
 
 __all__ = sorted(_MODULE_OF)

@@ -29,6 +29,7 @@ fully-connected layer.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ from pqv_lightning.export.inputs import described
 from pqv_lightning.export.patchify import is_patchify_conv, to_patches
 from pqv_lightning.utils.checks import invalid
 
-__all__ = ["StaticReshapePass", "prepare_for_xnnpack"]
+__all__ = ["StaticReshapePass", "prepare_for_xnnpack", "register_xnnpack_rewrite"]
 
 
 class _DelegableLayerNorm(nn.LayerNorm):
@@ -139,30 +140,61 @@ class _DelegableViT(VisionTransformer):
         return x.permute(0, 2, 1).reshape(b, c, n, 1).mean(dim=(2, 3), keepdim=True).reshape(b, c)
 
 
+#: A rewrite: a class swapped in (same parameters, same ``state_dict`` keys) or a function that rewrites the
+#: module in place.
+Rewrite = type[nn.Module] | Callable[[nn.Module], None]
+_REWRITES: dict[type[nn.Module], Rewrite] = {}
+
+
+def register_xnnpack_rewrite(module_type: type[nn.Module], rewrite: Rewrite) -> None:
+    """Make :func:`prepare_for_xnnpack` rewrite every module whose type is exactly ``module_type``.
+
+    A model family whose graph leaves operators outside the XNNPACK delegate registers the rewrite of its own
+    blocks here (one rewrite per type; registering a type again replaces its rewrite).
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise invalid("module_type", module_type, "a torch.nn.Module subclass")
+    if not callable(rewrite):
+        raise invalid("rewrite", rewrite, "an nn.Module subclass to swap in, or a function rewriting the module")
+    _REWRITES[module_type] = rewrite
+
+
+def _patchify_as_linear(module: nn.Module) -> None:
+    if is_patchify_conv(module):
+        module.__class__ = _DelegablePatchifyConv2d
+        module.weight = nn.Parameter(module.weight.detach().reshape(module.out_channels, -1))
+
+
+for _type, _rewrite in (
+    (Attention, _DelegableAttention),
+    (nn.LayerNorm, _DelegableLayerNorm),
+    (TimmLayerNorm, _DelegableLayerNorm),
+    (VisionTransformerDistilled, _DelegableDistilledViT),
+    (VisionTransformer, _DelegableViT),
+    (nn.Conv2d, _patchify_as_linear),
+):
+    register_xnnpack_rewrite(_type, _rewrite)
+
+
 def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of ``model`` computing the same function with an XNNPACK-delegable graph.
 
-    Swaps the class (not the parameters, so ``state_dict`` keys are unchanged; only a patchify conv's weight
-    is stored 2-D) of every ``nn.LayerNorm``, every timm ``Attention`` and every patchify ``Conv2d`` (stride
-    == kernel), and turns off the fused SDPA path of any other module that has one.
-    Pruned attention (``num_heads * head_dim != dim``) is supported: the stored ``attn_dim`` and ``scale``
+    Applies the registered rewrite (:func:`register_xnnpack_rewrite`) of every module's exact type: by default
+    every ``nn.LayerNorm``, every timm ``Attention``, the ViT pooling and DeiT's distilled head get a delegable
+    class (parameters, and so ``state_dict`` keys, unchanged), and every patchify ``Conv2d`` (stride == kernel)
+    becomes a linear layer (its weight stored 2-D). The fused SDPA path of any module that has one is turned
+    off. Pruned attention (``num_heads * head_dim != dim``) is supported: the stored ``attn_dim`` and ``scale``
     are used.
     """
     if not isinstance(model, nn.Module):
         raise invalid("model", described(model), "a torch.nn.Module")
     prepared = copy.deepcopy(model).eval()
     for module in prepared.modules():
-        if type(module) is Attention:
-            module.__class__ = _DelegableAttention
-        elif type(module) in (nn.LayerNorm, TimmLayerNorm):
-            module.__class__ = _DelegableLayerNorm
-        elif type(module) is VisionTransformerDistilled:
-            module.__class__ = _DelegableDistilledViT
-        elif type(module) is VisionTransformer:
-            module.__class__ = _DelegableViT
-        elif is_patchify_conv(module):
-            module.__class__ = _DelegablePatchifyConv2d
-            module.weight = nn.Parameter(module.weight.detach().reshape(module.out_channels, -1))
+        rewrite = _REWRITES.get(type(module))
+        if isinstance(rewrite, type):
+            module.__class__ = rewrite
+        elif rewrite is not None:
+            rewrite(module)
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     return prepared
