@@ -8,10 +8,15 @@ exporter (``executorch.runtime`` and ``portable_lib`` import ``executorch.exir``
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import importlib
+import logging
 import os
-from collections.abc import Iterable, Sequence
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +30,8 @@ from pqv_lightning.export.inputs import check_tensor, described
 from pqv_lightning.utils.checks import check_bool, check_choice, invalid
 from pqv_lightning.utils.io import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from pqv_lightning.export.writer import ArtifactWriter
 
@@ -37,6 +44,7 @@ __all__ = [
     "prepare_runtime",
     "random_input",
     "run_pte",
+    "runtime_logs_at_debug",
     "set_threadpool",
     "write_executorch",
 ]
@@ -205,25 +213,59 @@ class PteProgram:
         return self.method(inputs)
 
 
+_RUNTIME_LOG_LINE = re.compile(r"^\[[\w.]+\.(?:cpp|h):\d+\] ")
+
+
+@contextlib.contextmanager
+def runtime_logs_at_debug() -> Iterator[None]:
+    """Route what the ExecuTorch C++ runtime prints to stderr in this block to ``logging`` at DEBUG.
+
+    Its ``ET_LOG`` lines (``[cpuinfo_utils.cpp:87] Failed to open midr file ...`` when the threadpool is first
+    made, ``[threadpool.cpp:66] Resetting threadpool ...``) are written straight to file descriptor 2, past
+    Python's ``sys.stderr``, so the descriptor itself is redirected for the block; any other line is passed back
+    to stderr as it came.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+    for line in text.splitlines():
+        if _RUNTIME_LOG_LINE.match(line):
+            log.debug("executorch runtime: %s", line)
+        elif line.strip():
+            print(line, file=sys.stderr)
+
+
 def load_program(data: bytes, etdump: bool = False) -> PteProgram:
     """Load a program from its bytes with the extension module alone (``etdump``: record ETDump events)."""
     from executorch.extension.pybindings import _C
 
-    program = _C._load_program_from_buffer(
-        data, enable_etdump=etdump, debug_buffer_size=0,
-        program_verification=_C.Verification.InternalConsistency, data_path=None,
-    )  # fmt: skip
-    return PteProgram(data, program, program.load_method("forward"))
+    with runtime_logs_at_debug():
+        program = _C._load_program_from_buffer(
+            data, enable_etdump=etdump, debug_buffer_size=0,
+            program_verification=_C.Verification.InternalConsistency, data_path=None,
+        )  # fmt: skip
+        method = program.load_method("forward")
+    return PteProgram(data, program, method)
 
 
-def set_threadpool(threads: int) -> int:
+def set_threadpool(threads: int | None) -> int:
     """Fix the ExecuTorch XNNPACK threadpool (process-global; its default is one thread per core) to ``threads``
-    and return the count it reports."""
+    (``None``: leave it) and return the count it reports. Making the pool is where the runtime logs its CPU
+    probing; those lines go to DEBUG (:func:`runtime_logs_at_debug`)."""
     from executorch.extension.pybindings import _C
 
-    if _C._threadpool_get_thread_count() != threads:
-        _C._unsafe_reset_threadpool(threads)
-    return int(_C._threadpool_get_thread_count())
+    with runtime_logs_at_debug():
+        if threads is not None and _C._threadpool_get_thread_count() != threads:
+            _C._unsafe_reset_threadpool(threads)
+        return int(_C._threadpool_get_thread_count())
 
 
 def run_pte(program: bytes | str | os.PathLike, inputs: Tensor) -> Tensor:
@@ -247,8 +289,7 @@ def prepare_runtime(threads: int | None) -> None:
     both)."""
     importlib.import_module("executorch.extension.pybindings._C")
     set_torch_threads(threads)
-    if threads is not None:
-        set_threadpool(threads)
+    set_threadpool(threads)  # made here, not at the first call: its start-up log lines go to DEBUG
 
 
 def random_input(shape: list[int]) -> Tensor:
