@@ -34,9 +34,6 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
     float model themselves to ``executorch_precisions`` / ``onnx_precisions``.
 
     ``output_dir`` defaults to ``<trainer.log_dir>/artifacts``.
-
-    Args:
-        model_attribute: attribute of the LightningModule holding the timm model.
     """
 
     def __init__(
@@ -51,12 +48,14 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
         calibration_split: str = "train",
         model_attribute: str = "model",
         prefix: str = "model_",
+        on_failure: str = "raise",
+        weights: str | None = None,
     ) -> None:
         config = ExportConfig(
             formats, output_dir, executorch_precisions, onnx_precisions, val_batches, batch_size,
             calibration_batches, calibration_split, prefix,
         )  # fmt: skip
-        super().__init__(config, model_attribute)
+        super().__init__(config, model_attribute, on_failure, weights)
 
     @property
     def records(self) -> list[ArtifactRecord]:

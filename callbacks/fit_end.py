@@ -13,11 +13,13 @@ import copy
 import dataclasses
 import weakref
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from pqv_lightning.callbacks._utils import (
@@ -29,10 +31,17 @@ from pqv_lightning.callbacks._utils import (
 )
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
+from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, read_checkpoint
 from pqv_lightning.pipeline import ExportConfig, PipelineResult, QuantizationConfig, ReportConfig, run_pipeline
-from pqv_lightning.utils.checks import check_identifier
+from pqv_lightning.utils.checks import check_choice, check_identifier
 
-__all__ = ["FitEndCallback", "FitEndRun"]
+__all__ = ["ON_FAILURE", "WEIGHTS", "FitEndCallback", "FitEndIncompleteError", "FitEndRun"]
+
+#: What a fit-end callback does when its stage produced nothing: raise at fit end (after everything is saved), or
+#: only warn.
+ON_FAILURE = ("raise", "warn")
+#: Which weights the chain ships: the best monitored checkpoint of the final network, or those at fit end.
+WEIGHTS = ("best", "last")
 
 
 class FitEndRun:
@@ -56,6 +65,14 @@ class FitEndRun:
                 f"(model_attribute={attributes[0]!r} on each of {', '.join(kinds)})."
             )
         self.model_attribute = attributes[0]
+        chosen = sorted({stage.weights for stage in stages if stage.weights is not None})
+        if len(chosen) > 1:
+            raise ValueError(
+                f"The fit-end callbacks ask for different weights {chosen}; accepted: one choice, 'best' or 'last' "
+                "(set it on one of them; the others follow)."
+            )
+        self.weights = chosen[0] if chosen else "best"
+        self.policies = {stage.stage: stage.on_failure for stage in stages}
         configs: dict[str, Any] = {stage.stage: stage.config for stage in stages}
         for name, default in (("export", "artifacts"), ("report", "report")):
             if name in configs:  # every rank resolves (trainer.log_dir is collective) and checks it is writable
@@ -64,7 +81,10 @@ class FitEndRun:
         self.configs = configs
         self.dense_model: nn.Module | None = None
         self.result: PipelineResult | None = None
+        #: stage -> why it produced nothing (the same on every rank once the chain ran)
+        self.shortfalls: dict[str, str] = {}
         self.done = False
+        self._logged: set[str] = set()
         report = configs.get("report")
         changers = [cb for cb in trainer.callbacks if isinstance(cb, ShapeChangingCallback)]
         if report is not None and report.include_dense and changers and trainer.is_global_zero:
@@ -87,14 +107,17 @@ class FitEndRun:
         self.dense_model = copy.deepcopy(dense).cpu().float().eval().requires_grad_(False)
 
     def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PipelineResult | None:
-        """Run the chain once per fit (later calls return the same result) on global rank 0; every rank waits."""
+        """Run the chain once per fit (later calls return the same result) on global rank 0; every rank waits,
+        then learns which stages fell short."""
         if self.done:
             return self.result
+        shortfalls: dict[str, str] = {}
         try:
             if trainer.is_global_zero:
                 model = timm_model_of(pl_module, self.model_attribute, "The fit-end callbacks")
+                shipped, weights = self._weights_to_ship(trainer, model)
                 self.result = run_pipeline(
-                    model,
+                    shipped,
                     data_loader(trainer, "val"),
                     train_loader(trainer),
                     quantization=self.configs.get("quantization"),
@@ -106,13 +129,64 @@ class FitEndRun:
                         "lightning_module": type(pl_module).__name__,
                         "global_step": trainer.global_step,
                         "epoch": trainer.current_epoch,
+                        "weights": weights,
                     },
-                    report_context=_report_context(trainer),
+                    report_context={**_report_context(trainer), "weights": _weights_line(weights)},
                 )
+                shortfalls = self.result.shortfalls(list(self.configs))
         finally:
             self.done = True
             trainer.strategy.barrier("pqv_fit_end")
+            self.shortfalls = trainer.strategy.broadcast(shortfalls, src=0)
         return self.result
+
+    def _weights_to_ship(self, trainer: pl.Trainer, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        """The model the chain quantizes, exports and measures, and a record of which weights those are.
+
+        ``"best"``: the best-scoring checkpoint of a ``ModelCheckpoint`` that monitors a metric, among those with
+        the model's final structure (a checkpoint from before pruning is another network), read weights-only;
+        else the weights at fit end, and why.
+        """
+        if self.weights == "last":
+            return model, {"weights": "last", "why": "weights='last' was asked for"}
+        monitored = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+        if not monitored:
+            return model, {"weights": "last", "why": "no ModelCheckpoint monitors a metric"}
+        structure, prefix = current_structure(model), f"{self.model_attribute}."
+        for callback in monitored:
+            ranked = sorted(callback.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=callback.mode == "max")
+            for path, score in ranked:
+                if not Path(path).is_file():
+                    continue
+                checkpoint = read_checkpoint(path)
+                if checkpoint.get(STRUCTURE_KEY) != structure:
+                    continue
+                best = copy.deepcopy(model)
+                best.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+                )
+                return best, {
+                    "weights": "best",
+                    "checkpoint": str(path),
+                    "monitor": callback.monitor,
+                    "score": float(score),
+                    "epoch": checkpoint.get("epoch"),
+                }
+        return model, {"weights": "last", "why": "no monitored checkpoint holds the final network (its structure)"}
+
+    def stage_logged(self, stage: str) -> bool:
+        """Note that ``stage`` has logged its part; True once every stage of the chain has."""
+        self._logged.add(stage)
+        return self._logged >= set(self.configs)
+
+
+def _weights_line(weights: dict[str, Any]) -> str:
+    if weights["weights"] == "best":
+        return (
+            f"best checkpoint ({weights['monitor']}={weights['score']:.4g}, epoch {weights['epoch']}): "
+            f"{weights['checkpoint']}"
+        )
+    return f"weights at fit end ({weights['why']})"
 
 
 def _report_context(trainer: pl.Trainer) -> dict[str, Any]:
@@ -129,19 +203,40 @@ def _report_context(trainer: pl.Trainer) -> dict[str, Any]:
     return context
 
 
+class FitEndIncompleteError(RuntimeError):
+    """A fit-end stage produced nothing of what it promised (no variant, no verified file, or no report); raised
+    after every stage ran and logged, when checkpoints and whatever was produced are saved."""
+
+
+def _shortfall_line(trainer: pl.Trainer, shortfalls: dict[str, str]) -> str:
+    kept = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback is not None else None
+    where = f"; the checkpoints in {kept} are untouched" if kept else ""
+    stages = "; ".join(f"{stage}: {why}" for stage, why in shortfalls.items())
+    return f"pqv-lightning: the fit trained, but its fit-end chain fell short ({stages}){where}."[:2000]
+
+
 def _config_property(name: str) -> property:
     return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
 
 
-def _with_config_args(doc: str, config: type) -> str:
-    """``doc`` with the ``Args:`` entries of ``config``'s docstring put first under its own ``Args:``: the fields
-    are documented once, in the config, and still show in the callback's help (LightningCLI reads it)."""
-    marker = "    Args:\n"
-    fields = (config.__doc__ or "").partition(marker)[2]
-    if marker not in doc or not fields:
-        return doc
-    head, _, tail = doc.partition(marker)
-    return head + marker + fields.rstrip() + "\n" + tail
+#: The arguments every fit-end callback takes besides its config's fields.
+_SHARED_ARGS = """
+        model_attribute: attribute of the LightningModule holding the timm model.
+        on_failure: ``"raise"`` (default): when the stage produced nothing (no variant, no verified file, no
+            report), say so in one line and raise :class:`~pqv_lightning.callbacks.fit_end.FitEndIncompleteError`
+            at fit end, after every stage ran and everything was saved (the CLI exits 1); ``"warn"``: only warn.
+        weights: which weights the fit-end chain ships: ``"best"`` (the best checkpoint of a ``ModelCheckpoint``
+            that monitors a metric, among those of the final network; else the weights at fit end) or ``"last"``;
+            ``None`` (default) follows the other fit-end callbacks, ``"best"`` if none says. The manifest and the
+            report say which.
+"""
+
+
+def _with_args(doc: str, config: type) -> str:
+    """``doc`` followed by an ``Args:`` section: ``config``'s fields (documented once, in the config) and the
+    shared arguments, so the callback's help (LightningCLI reads the docstring) lists them all."""
+    fields = (config.__doc__ or "").partition("    Args:\n")[2].rstrip()
+    return doc.rstrip() + "\n\n    Args:\n" + fields + _SHARED_ARGS
 
 
 class FitEndCallback(Callback):
@@ -149,7 +244,8 @@ class FitEndCallback(Callback):
 
     A subclass names its config class and its stage in the chain (``class MobileExport(FitEndCallback,
     config=ExportConfig, stage="export")``): every field of the config is then a read-only attribute of the
-    callback, and documented in its ``Args:``. It logs its part of the result in :meth:`log_result`.
+    callback, and documented in its ``Args:`` with the arguments every fit-end callback takes. It logs its part
+    of the result in :meth:`log_result`.
     """
 
     stage: ClassVar[str] = ""
@@ -163,12 +259,20 @@ class FitEndCallback(Callback):
         for field in dataclasses.fields(config):
             if field.name not in vars(cls):
                 setattr(cls, field.name, _config_property(field.name))
-        cls.__doc__ = _with_config_args(cls.__doc__ or "", config)
+        cls.__doc__ = _with_args(cls.__doc__ or "", config)
 
-    def __init__(self, config: QuantizationConfig | ExportConfig | ReportConfig, model_attribute: str) -> None:
+    def __init__(
+        self,
+        config: QuantizationConfig | ExportConfig | ReportConfig,
+        model_attribute: str,
+        on_failure: str = "raise",
+        weights: str | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.model_attribute = check_identifier("model_attribute", model_attribute)
+        self.on_failure = check_choice("on_failure", on_failure, ON_FAILURE)
+        self.weights = check_choice("weights", weights, WEIGHTS, allow_none=True)
         self._run: FitEndRun | None = None
 
     @property
@@ -189,6 +293,13 @@ class FitEndCallback(Callback):
         self.run(trainer, pl_module)
         if trainer.is_global_zero and self.result is not None:
             self.log_result(trainer, self.result)
+        run = self._run
+        if not run.stage_logged(self.stage) or not run.shortfalls:
+            return
+        line = _shortfall_line(trainer, run.shortfalls)
+        if any(run.policies[stage] == "raise" for stage in run.shortfalls):
+            raise FitEndIncompleteError(line)
+        rank_zero_warn(line)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

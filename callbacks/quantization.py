@@ -26,9 +26,6 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
     the three run as one chain (quantize, export, report) whatever their order in ``Trainer(callbacks=...)``.
 
     Works on any LightningModule that exposes its timm model as ``model`` (or ``model_attribute``).
-
-    Args:
-        model_attribute: attribute of the LightningModule holding the timm model.
     """
 
     def __init__(
@@ -38,9 +35,11 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         calibration_split: str = "train",
         eval_batches: int | None = None,
         model_attribute: str = "model",
+        on_failure: str = "raise",
+        weights: str | None = None,
     ) -> None:
         config = QuantizationConfig(tuple(targets), calibration_batches, calibration_split, eval_batches)
-        super().__init__(config, model_attribute)
+        super().__init__(config, model_attribute, on_failure, weights)
 
     @property
     def float_metrics(self) -> dict[str, float]:

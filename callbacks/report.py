@@ -34,9 +34,6 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
     measurement is logged as a warning and the fit's result stays.
 
     ``output_dir`` defaults to ``<trainer.log_dir>/report``.
-
-    Args:
-        model_attribute: attribute of the LightningModule holding the timm model.
     """
 
     def __init__(
@@ -52,11 +49,13 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
         include_dense: bool = True,
         val_batches: int | None = None,
         model_attribute: str = "model",
+        on_failure: str = "raise",
+        weights: str | None = None,
     ) -> None:
         config = ReportConfig(
             output_dir, threads, warmup, runs, batch, memory, profile, profile_top, include_dense, val_batches
         )
-        super().__init__(config, model_attribute)
+        super().__init__(config, model_attribute, on_failure, weights)
 
     @property
     def points(self) -> list[TradeoffPoint]:

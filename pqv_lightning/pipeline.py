@@ -234,6 +234,21 @@ class PipelineResult:
     profile_error: str | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def shortfalls(self, stages: Sequence[str]) -> dict[str, str]:
+        """For each of ``stages`` (``"quantization"``, ``"export"``, ``"report"``) that produced nothing usable,
+        why, in a few words: no quantized variant, no verified file, or no report."""
+        missing: dict[str, str] = {}
+        if "quantization" in stages and not any(r.quantized is not None for r in self.quantization):
+            errors = [self.quantization_error] if self.quantization_error else [r.error for r in self.quantization]
+            missing["quantization"] = "no quantized variant: " + ("; ".join(e for e in errors if e) or "none ran")
+        if "export" in stages and not any(r.status == "ok" for r in self.export.records):
+            failed = [f"{r.name}: {r.reason}" for r in self.export.records if r.status == "failed"][:3]
+            why = self.export.error or "; ".join(failed) or "no file was written"
+            missing["export"] = f"no verified file: {why}"
+        if "report" in stages and (self.report_error is not None or not self.report_files):
+            missing["report"] = f"no report: {self.report_error or 'nothing was measured'}"
+        return missing
+
 
 def artifacts_table(records: Sequence[ArtifactRecord]) -> str:
     """A Markdown table of the exported files: status, parity with the eager float model, accuracy, size."""
@@ -290,20 +305,31 @@ def export_stage(
         pruned=current_structure(model) is not None,
     )
     outcome = ExportOutcome(manifest=manifest)
+    unwritten: list[str] = []
+
+    def record_progress(records: list[ArtifactRecord]) -> None:
+        # the manifest after every final record, so that a killed export still leaves what it verified
+        try:
+            write_manifest(records, manifest, {**meta, "complete": False})
+        except OSError as err:
+            unwritten.append(error_summary(err))
+
     start = time.perf_counter()
     try:
         outcome.records = export_artifacts(
             float_model, out, config.formats, example.contiguous(), val_batches, quantized=variants,
-            calibration=calibration, **config.artifact_options(),
+            calibration=calibration, on_record=record_progress, **config.artifact_options(),
         )  # fmt: skip
     except Exception as err:  # the fit is over: report the failure, never lose the trained model to it
         outcome.error = error_summary(err)
         meta["error"] = outcome.error
     meta["export_seconds"] = round(time.perf_counter() - start, 2)
     try:
-        write_manifest(outcome.records, manifest, meta)
+        write_manifest(outcome.records, manifest, {**meta, "complete": True})
     except OSError as err:
-        outcome.error = (outcome.error + "; " if outcome.error else "") + f"manifest not written: {error_summary(err)}"
+        unwritten.append(error_summary(err))
+    if unwritten:
+        outcome.error = (outcome.error + "; " if outcome.error else "") + f"manifest not written: {unwritten[-1]}"
     return outcome
 
 
@@ -343,9 +369,9 @@ def run_pipeline(
 
     ``export.output_dir`` and ``report.output_dir`` must be set. ``dense_model`` is the network ``model`` was
     pruned from (the report's dense row, with ``report.include_dense``). ``manifest_meta`` is plain data about
-    the run recorded in the manifest (with the quantization results added); ``report_context`` feeds the report's
-    title and notes (``epoch``, ``global_step``, ``pruning``, ``distillation``, ``note``). Each stage reads its own
-    validation and calibration batches, in the order quantization, export, report.
+    the run recorded in the manifest (with the quantization results added); ``report_context`` feeds the
+    report's title and notes (``epoch``, ``global_step``, ``pruning``, ``distillation``, ``weights``, ``note``).
+    Each stage reads its own validation and calibration batches, in the order quantization, export, report.
     """
     for name, config in (("export", export), ("report", report)):
         if config is not None and config.output_dir is None:
@@ -462,7 +488,7 @@ def _report_stage(
         "val_images": sum(int(labels.shape[0]) for _, labels in val),
         "global_step": context.get("global_step"),
     }
-    report_meta.update({k: context[k] for k in ("pruning", "distillation", "note") if context.get(k)})
+    report_meta.update({k: context[k] for k in ("pruning", "distillation", "weights", "note") if context.get(k)})
     if result.profile_error:
         report_meta["operator_profile_error"] = result.profile_error
     result.report_files = write_report(result.points, config.output_dir, report_meta, profile, profile_of)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from pqv_lightning import ViTClassifier
 from pqv_lightning.apps.export_checkpoint import main as export_main
 from pqv_lightning.callbacks.export import MobileExport
+from pqv_lightning.callbacks.fit_end import FitEndIncompleteError
 from pqv_lightning.callbacks.pruning import StructuredPruning
 from pqv_lightning.callbacks.quantization import Quantization
 from pqv_lightning.datamodules import DigitsDataModule
@@ -139,11 +141,33 @@ def test_a_failed_export_is_recorded_without_raising(tmp_path, monkeypatch, trai
         raise RuntimeError("simulated exporter crash")
 
     monkeypatch.setattr("pqv_lightning.pipeline.export_artifacts", broken)
-    export = MobileExport(formats=["onnx"], onnx_precisions=["fp32"], output_dir=tmp_path / "out", val_batches=1)
+    export = MobileExport(
+        formats=["onnx"], onnx_precisions=["fp32"], output_dir=tmp_path / "out", val_batches=1, on_failure="warn"
+    )
     trainer = _trainer([export], False, tmp_path, epochs=1, limit_train_batches=2, limit_val_batches=1)
-    trainer.fit(trained_classifier(), _digits())
+    with pytest.warns(UserWarning, match=r"fit-end chain fell short \(export: no verified file: .*simulated"):
+        trainer.fit(trained_classifier(), _digits())
     assert "simulated exporter crash" in export.error
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["meta"]["error"] == export.error
+
+
+def test_an_export_that_produced_nothing_fails_the_fit_after_saving_everything(tmp_path, trained_classifier):
+    """The folder becomes unwritable mid-fit (replaced by a file: permissions do not stop root): nothing is
+    exported; the checkpoint is kept and the fit ends with the reason in one line."""
+    out = tmp_path / "out"
+
+    class BreakFolder(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            shutil.rmtree(out)
+            out.write_text("not a folder any more")
+
+    export = MobileExport(formats=["onnx"], onnx_precisions=["fp32"], output_dir=out, val_batches=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer([BreakFolder(), export, checkpoint], False, tmp_path, epochs=1, limit_train_batches=2)
+    with pytest.raises(FitEndIncompleteError, match=r"export: no verified file: .*ckpt are untouched"):
+        trainer.fit(trained_classifier(), _digits())
+    assert out.read_text() == "not a folder any more"
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
 @pytest.mark.parametrize(
@@ -279,3 +303,27 @@ def test_every_format_and_precision_at_fit_end(tmp_path, trained_classifier):
         assert rows[name]["top1_agreement"] == 1.0
     assert rows["executorch-fp32"]["extra"]["outside_ops"] == {}  # fully delegated to XNNPACK
     assert rows["lite-int8_pt2e_xnnpack"]["status"] == "skipped"
+
+
+def test_a_killed_export_leaves_a_manifest_of_what_it_verified(tmp_path, monkeypatch, trained_tiny_vit, digit_tensors):
+    """The manifest is rewritten (atomically) after every final record: a kill mid-export loses nothing verified."""
+    import pqv_lightning.export.writer as writer
+    from pqv_lightning.pipeline import ExportConfig, export_stage
+
+    real, calls = writer.verify_outputs, []
+
+    def killed_at_the_second_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGINT does mid-export
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "verify_outputs", killed_at_the_second_file)
+    config = ExportConfig(formats=["onnx"], onnx_precisions=["fp32", "int8"], output_dir=tmp_path)
+    val = [(digit_tensors["x_heldout"][:32], digit_tensors["y_heldout"][:32])]
+    with pytest.raises(KeyboardInterrupt):
+        export_stage(trained_tiny_vit, tmp_path, config, val)
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["meta"]["complete"] is False
+    assert [(a["name"], a["status"]) for a in doc["artifacts"]] == [("onnx-fp32", "ok")]
+    assert (tmp_path / doc["artifacts"][0]["path"]).is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,7 @@ def export_artifacts(
     onnx_reduce_range: bool = False,
     onnx_optimize: bool = True,
     prefix: str = "model_",
+    on_record: Callable[[list[ArtifactRecord]], None] | None = None,
 ) -> list[ArtifactRecord]:
     """Export ``model`` (and TorchScript-able ``quantized`` variants) in ``formats`` and verify each file.
 
@@ -99,6 +100,9 @@ def export_artifacts(
     LayerNorm and GELU into their fused ops, and its ``SkipLayerNormalization`` nodes are turned back into
     ``Add`` + ``LayerNormalization`` (faster on CPU). If any of that fails, the plain exported graph is quantized
     and the reason recorded (``extra["onnxruntime_optimization_failed"]``); the file is verified either way.
+
+    ``on_record(records)`` is called with the records so far each time one is final (verified, failed or
+    skipped), e.g. to rewrite the manifest as the export goes.
     """
     fmts = validate_formats(formats)
     et_precisions = validate_precisions(executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
@@ -123,7 +127,7 @@ def export_artifacts(
     model.eval()
     try:
         pieces = reference_pieces(model, val_batches, example_input.shape[0])
-        writer = ArtifactWriter(out, example_input, pieces, thresholds, prefix)
+        writer = ArtifactWriter(out, example_input, pieces, thresholds, prefix, on_record)
         if "torchscript" in fmts or "lite" in fmts:
             write_torchscript(writer, model, fmts, quantized)
         if "executorch" in fmts:

@@ -32,6 +32,7 @@ class ArtifactWriter:
         pieces: list[ReferencePiece],
         thresholds: VerifyThresholds,
         prefix: str,
+        on_record: Callable[[list[ArtifactRecord]], None] | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.example_input = example_input
@@ -40,9 +41,20 @@ class ArtifactWriter:
         self.prefix = prefix
         self.input_shape = list(example_input.shape)
         self.records: list[ArtifactRecord] = []
+        self._on_record = on_record
+
+    def _finished(self) -> None:
+        """A record is final: tell ``on_record`` (e.g. rewrite the manifest, so a killed export leaves one)."""
+        if self._on_record is not None:
+            self._on_record(list(self.records))
 
     def record(self, name: str, fmt: str, precision: str, backend: str, **kw: Any) -> ArtifactRecord:
-        """Add a record (``"failed"`` unless ``status`` says otherwise) without writing a file."""
+        """Add a final record (``"failed"`` unless ``status`` says otherwise) without writing a file."""
+        rec = self._new_record(name, fmt, precision, backend, **kw)
+        self._finished()
+        return rec
+
+    def _new_record(self, name: str, fmt: str, precision: str, backend: str, **kw: Any) -> ArtifactRecord:
         rec = ArtifactRecord(
             name=name,
             format=fmt,
@@ -72,7 +84,7 @@ class ArtifactWriter:
     ) -> ArtifactRecord:
         """Write one artifact with ``build(path, extra)``, load it with ``load`` and verify; never raises."""
         path = self.out_dir / f"{self.prefix}{filename}"
-        rec = self.record(name, fmt, precision, backend, extra=dict(extra or {}))
+        rec = self._new_record(name, fmt, precision, backend, extra=dict(extra or {}))
         stage = "export"
         try:
             build(path, rec.extra)
@@ -90,6 +102,7 @@ class ArtifactWriter:
                 path.unlink()
                 rec.extra["removed_stale_file"] = path.name
             log.warning("%s: %s", name, rec.reason)
+            self._finished()
             return rec
         for key, value in metrics.items():
             setattr(rec, key, value)
@@ -105,4 +118,5 @@ class ArtifactWriter:
             metrics.get("max_abs_logit_diff", math.nan),
             metrics.get("val_top1", math.nan),
         )
+        self._finished()
         return rec
