@@ -28,6 +28,7 @@ from pqv_lightning.distillation import (
     save_teacher_state,
     validate,
 )
+from pqv_lightning.safe_loading import load_weights_only
 from pqv_lightning.utils.checks import check_identifier, invalid
 
 __all__ = ["KnowledgeDistillation"]
@@ -117,6 +118,7 @@ class KnowledgeDistillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        load_weights_only(trainer)
         if getattr(pl_module, OPT_IN_ATTRIBUTE, False) is not True:
             raise TypeError(
                 f"KnowledgeDistillation: {type(pl_module).__name__} has not opted in to distillation. In its "

@@ -33,6 +33,7 @@ from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, read_checkpoint
 from pqv_lightning.pipeline import ExportConfig, PipelineResult, QuantizationConfig, ReportConfig, run_pipeline
+from pqv_lightning.safe_loading import load_weights_only
 from pqv_lightning.utils.checks import check_choice, check_identifier
 
 __all__ = ["ON_FAILURE", "WEIGHTS", "FitEndCallback", "FitEndIncompleteError", "FitEndRun"]
@@ -283,6 +284,7 @@ class FitEndCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+        load_weights_only(trainer)
         if stage != "fit":
             return
         check_validation_data(trainer, type(self).__name__)

@@ -30,9 +30,10 @@ class StructuredPruning(ShapeChangingCallback):
     the network torch-pruning's own ViT pruning gives for the same ratio and criterion.
 
     When: ``at_epoch=0`` (default) prunes in ``setup``, before Lightning creates the optimizers and wraps DDP,
-    so neither ever sees a dense parameter. ``at_epoch=K`` trains K dense epochs and prunes at the end of epoch
-    K (or at the next epoch start of a run resumed past it); every optimizer then holds the pruned parameters in
-    place of the replaced ones (their moments restart), LR schedulers continue unchanged, and DDP is re-wrapped.
+    so neither ever sees a dense parameter. ``at_epoch=K`` trains K dense epochs and prunes at the start of epoch
+    K (of a resumed run too), so the checkpoints and scores of the dense epochs are the dense model's; every
+    optimizer then holds the pruned parameters in place of the replaced ones (their moments restart), LR
+    schedulers continue unchanged, and DDP is re-wrapped.
     Under DDP, gradient statistics (Taylor, Hessian) are averaged over ranks, rank 0 decides, and every rank
     replays rank 0's structure, so all ranks hold the identical network.
 
@@ -129,14 +130,10 @@ class StructuredPruning(ShapeChangingCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A resumed fit whose checkpoint was written after epoch at_epoch - 1 but before its end hook pruned
-        # (e.g. ModelCheckpoint after validation) starts at epoch >= at_epoch with a dense model: prune now.
+        # At the start of epoch at_epoch, not at the end of the one before: everything that epoch's end saved
+        # (checkpoints, with the validation score of the dense model) is the dense model. A fit resumed from any
+        # checkpoint written before pruning also starts at epoch >= at_epoch with a dense model: it prunes here.
         if self.at_epoch and trainer.current_epoch >= self.at_epoch and current_structure(self._model) is None:
-            self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer, self._model))
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_epoch and trainer.current_epoch + 1 == self.at_epoch and current_structure(self._model) is None:
             self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer, self._model))
 
     @override

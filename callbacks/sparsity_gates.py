@@ -36,8 +36,8 @@ class SparsityGates(ShapeChangingCallback):
     gradient ``l1_lambda * sign(gate)``, right before each optimizer step, after AMP unscaling and gradient
     accumulation: the same as adding the term to the loss, without touching the module's training step).
 
-    After ``prune_epoch`` epochs, the gates are folded into the layers they feed (exact) and removed, and the
-    ``ratio`` of channels with the smallest gates are pruned through the pruning engine (torch-pruning's
+    At the start of epoch ``prune_epoch``, the gates are folded into the layers they feed (exact) and removed,
+    and the ``ratio`` of channels with the smallest gates are pruned through the pruning engine (torch-pruning's
     dependency graph with a gate-magnitude importance). Training then continues as finetuning: the optimizers
     keep their settings and LR schedules, with the pruned parameters swapped in and the gates dropped. The
     structure is saved in checkpoints as plain data (resume and ``load_from_checkpoint`` rebuild it); under DDP,
@@ -123,13 +123,8 @@ class SparsityGates(ShapeChangingCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A run resumed from a checkpoint written after epoch prune_epoch - 1 but before pruning.
+        # At the start of epoch prune_epoch (of a resumed run too): what the gated epochs saved is the gated model.
         if trainer.current_epoch >= self.prune_epoch and current_structure(self._model) is None:
-            self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer))
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 == self.prune_epoch and current_structure(self._model) is None:
             self.change_mid_fit(trainer, pl_module, lambda: self._prune(trainer))
 
     @override

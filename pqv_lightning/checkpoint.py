@@ -77,12 +77,12 @@ def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bo
     return True
 
 
-def read_checkpoint(path: str | os.PathLike, expected: str = "a torch checkpoint") -> Any:
+def read_checkpoint(path: str | os.PathLike, expected: str = "a torch checkpoint", mmap: bool | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU, with an error that says what is wrong with the file.
 
     Empty, truncated and non-torch files, and files holding objects that would need unpickling (refused, never
     run), each raise :class:`CheckpointError` naming the file and ``expected``; a missing file raises
-    ``FileNotFoundError``.
+    ``FileNotFoundError``. ``mmap`` (default: for zip-format files) maps the tensors instead of reading them.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,7 +91,8 @@ def read_checkpoint(path: str | os.PathLike, expected: str = "a torch checkpoint
     if size == 0:
         raise CheckpointError(f"{str(path)!r} is empty (0 bytes), not {expected}: was it written completely?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        mapped = zipfile.is_zipfile(path) if mmap is None else mmap
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()
         detail = next(
@@ -102,8 +103,12 @@ def read_checkpoint(path: str | os.PathLike, expected: str = "a torch checkpoint
             f"objects that would have to be unpickled (refused, nothing was run): {detail[:200]}"
         ) from None
     except Exception as err:  # torch's readers raise EOFError, RuntimeError, IndexError, ... on bad bytes
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        hint = " It looks truncated (a partial copy or an interrupted write)." if zipfile.is_zipfile(path) else ""
+        first = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else type(err).__name__
+        with path.open("rb") as f:
+            starts_as_zip = f.read(4) == b"PK\x03\x04"
+        hint = ""
+        if starts_as_zip and not zipfile.is_zipfile(path):
+            hint = " It starts as a torch archive but its end is missing: truncated (a partial copy or write)."
         raise CheckpointError(
             f"{str(path)!r} ({size} bytes) is not {expected}: it cannot be read as a weights-only torch file "
             f"({type(err).__name__}: {first}).{hint}"

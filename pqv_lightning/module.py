@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from pqv_lightning.checkpoint import restore_pruned_structure
 from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
+from pqv_lightning.safe_loading import load_weights_only
 from pqv_lightning.utils.checks import check_number
 
 __all__ = ["ViTClassifier", "warmup_cosine"]
@@ -104,6 +105,8 @@ class ViTClassifier(pl.LightningModule):
         return int(self.hparams.num_classes)
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            load_weights_only(self._trainer)  # before Lightning restores ckpt_path, whatever the path
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         try:
             data_classes = getattr(datamodule, "num_classes", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,50 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, extra_env: dict | 
 def cli():
     """``cli(args, cwd)`` runs ``python train.py *args`` in a subprocess."""
     return run_cli
+
+
+TINY_MODEL = (
+    '{"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 1, "embed_dim": 32, "num_heads": 2,'
+    ' "global_pool": "avg"}'
+)
+
+
+def write_cli_config(tmp_path, extra_callbacks: str = "", devices: int = 1, strategy: str = "auto"):
+    """A tiny-ViT digits recipe for ``train.py fit`` (2 epochs, 3 batches), TensorBoard logs in tmp_path/runs."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            seed_everything: 0
+            trainer:
+              accelerator: cpu
+              devices: {devices}
+              strategy: {strategy}
+              max_epochs: 2
+              limit_train_batches: 3
+              limit_val_batches: 2
+              enable_progress_bar: false
+              enable_model_summary: false
+              logger:
+                class_path: lightning.pytorch.loggers.TensorBoardLogger
+                init_args: {{save_dir: {tmp_path / "runs"}, name: test}}
+              callbacks:{extra_callbacks or " []"}
+            model:
+              class_path: pqv_lightning.ViTClassifier
+              init_args:
+                model_name: vit_tiny_patch16_224
+                num_classes: 10
+                model_kwargs: {TINY_MODEL}
+            data:
+              class_path: pqv_lightning.datamodules.DigitsDataModule
+              init_args: {{img_size: 16, in_chans: 1, batch_size: 16}}
+            """
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def cli_config():
+    """``cli_config(tmp_path, extra_callbacks="", devices=1, strategy="auto")`` writes a tiny CLI recipe."""
+    return write_cli_config

@@ -23,7 +23,13 @@ ROOTS = {
     "callbacks": "pqv_lightning.callbacks",
     "datamodules": "pqv_lightning.datamodules",
 }
-LIGHTNING_FACE = ("pqv_lightning.module", "pqv_lightning.cli", "pqv_lightning.callbacks", "pqv_lightning.datamodules")
+LIGHTNING_FACE = (
+    "pqv_lightning.module",
+    "pqv_lightning.cli",
+    "pqv_lightning.safe_loading",
+    "pqv_lightning.callbacks",
+    "pqv_lightning.datamodules",
+)
 APPS = ("pqv_lightning.apps",)
 
 

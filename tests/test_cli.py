@@ -1,48 +1,7 @@
 """The command line as a user runs it: help, printed config, a short fit, bad input, and 2-process DDP."""
 
-import textwrap
-
 import pytest
 import torch
-
-TINY_MODEL = (
-    '{"img_size": 16, "patch_size": 4, "in_chans": 1, "depth": 1, "embed_dim": 32, "num_heads": 2,'
-    ' "global_pool": "avg"}'
-)
-
-
-def _config(tmp_path, extra_callbacks: str = "", devices: int = 1, strategy: str = "auto"):
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            seed_everything: 0
-            trainer:
-              accelerator: cpu
-              devices: {devices}
-              strategy: {strategy}
-              max_epochs: 2
-              limit_train_batches: 3
-              limit_val_batches: 2
-              enable_progress_bar: false
-              enable_model_summary: false
-              logger:
-                class_path: lightning.pytorch.loggers.TensorBoardLogger
-                init_args: {{save_dir: {tmp_path / "runs"}, name: test}}
-              callbacks:{extra_callbacks or " []"}
-            model:
-              class_path: pqv_lightning.ViTClassifier
-              init_args:
-                model_name: vit_tiny_patch16_224
-                num_classes: 10
-                model_kwargs: {TINY_MODEL}
-            data:
-              class_path: pqv_lightning.datamodules.DigitsDataModule
-              init_args: {{img_size: 16, in_chans: 1, batch_size: 16}}
-            """
-        )
-    )
-    return path
 
 
 def test_help_documents_every_option(cli, tmp_path):
@@ -73,9 +32,9 @@ def test_print_config_of_the_quickstart(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_short_fit_writes_checkpoint_and_tensorboard_events(cli, tmp_path):
+def test_short_fit_writes_checkpoint_and_tensorboard_events(cli, cli_config, tmp_path):
     callbacks = "\n                - class_path: lightning.pytorch.callbacks.ModelCheckpoint"
-    result = cli(["fit", "--config", str(_config(tmp_path, callbacks))], tmp_path)
+    result = cli(["fit", "--config", str(cli_config(tmp_path, callbacks))], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "test" / "version_0"
     assert list(run.glob("checkpoints/*.ckpt")), list(run.rglob("*"))
@@ -83,8 +42,8 @@ def test_short_fit_writes_checkpoint_and_tensorboard_events(cli, tmp_path):
     assert (run / "config.yaml").is_file()
 
 
-def test_unknown_model_name_fails_fast_with_suggestions(cli, tmp_path):
-    config = _config(tmp_path)
+def test_unknown_model_name_fails_fast_with_suggestions(cli, cli_config, tmp_path):
+    config = cli_config(tmp_path)
     result = cli(["fit", "--config", str(config), "--model.init_args.model_name=deit_smal_patch16_224"], tmp_path)
     assert result.returncode != 0
     assert "Unknown timm model name 'deit_smal_patch16_224'" in result.stderr
@@ -110,13 +69,13 @@ class DumpWeights(pl.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_end_with_identical_weights(cli, tmp_path):
+def test_ddp_two_processes_end_with_identical_weights(cli, cli_config, tmp_path):
     (tmp_path / "dump_weights.py").write_text(DUMP_WEIGHTS)
     callbacks = (
         f"\n                - class_path: dump_weights.DumpWeights"
         f"\n                  init_args: {{out_dir: {tmp_path}}}"
     )
-    config = _config(tmp_path, callbacks, devices=2, strategy="ddp")
+    config = cli_config(tmp_path, callbacks, devices=2, strategy="ddp")
     result = cli(["fit", "--config", str(config)], tmp_path, extra_env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -126,14 +85,14 @@ def test_ddp_two_processes_end_with_identical_weights(cli, tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name
 
 
-def test_optimizer_and_scheduler_are_configurable_from_the_command_line(tmp_path, monkeypatch):
+def test_optimizer_and_scheduler_are_configurable_from_the_command_line(tmp_path, monkeypatch, cli_config):
     from pqv_lightning.cli import main
 
     monkeypatch.chdir(tmp_path)
     cli = main(
         [
             "--config",
-            str(_config(tmp_path)),
+            str(cli_config(tmp_path)),
             "--model.init_args.optimizer=torch.optim.SGD",
             "--model.init_args.optimizer.lr=0.05",
             "--model.init_args.optimizer.momentum=0.9",

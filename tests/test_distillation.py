@@ -262,7 +262,8 @@ class StepCounter(pl.Callback):
 
 
 def _prune_and_distil(root: Path, max_epochs: int = 2, ckpt_path: Path | None = None, **kd_kwargs):
-    """Prune after epoch 0 with the dense model as teacher; checkpoints after every epoch in root/checkpoints."""
+    """Prune at the start of epoch 1 with the dense model as teacher; checkpoints after every epoch in
+    root/checkpoints (e0 holds the dense model, later ones the pruned one and the teacher record)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     kd, counter = KnowledgeDistillation(**kd_kwargs), StepCounter()
@@ -294,6 +295,7 @@ def first_run(tmp_path_factory) -> dict:
     return {
         "root": root,
         "checkpoints": sorted((root / "checkpoints").glob("e*.ckpt")),
+        "pruned": root / "checkpoints" / "e1.ckpt",  # the first checkpoint written after pruning
         "teacher": {k: v.detach().clone() for k, v in kd.teacher.state_dict().items()},
         "file": kd.teacher_file,
         "student_qkv": tuple(trainer.lightning_module.model.blocks[0].attn.qkv.weight.shape),
@@ -308,7 +310,10 @@ def test_checkpoints_hold_no_teacher_tensor_and_the_file_holds_the_teacher(first
     teacher = first_run["teacher"]
     assert teacher["blocks.0.attn.qkv.weight"].shape == (192, 64) and first_run["student_qkv"] == (96, 32)
     assert [c.name for c in first_run["checkpoints"]] == ["e0.ckpt", "e1.ckpt"]
-    for path in first_run["checkpoints"]:
+    dense = torch.load(first_run["checkpoints"][0], weights_only=True)
+    assert_no_teacher_tensor(dense, teacher)
+    assert "KnowledgeDistillation" not in dense["callbacks"]  # the dense epoch: no teacher yet
+    for path in first_run["checkpoints"][1:]:
         checkpoint = torch.load(path, weights_only=True)
         assert_no_teacher_tensor(checkpoint, teacher)
         record = checkpoint["callbacks"]["KnowledgeDistillation"]
@@ -326,19 +331,19 @@ def test_checkpoints_hold_no_teacher_tensor_and_the_file_holds_the_teacher(first
 
 def test_resume_distils_from_the_original_teacher_file(first_run, tmp_path):
     """Resumed past pruning in another log dir: the recorded file is loaded, checked and used; nothing is rewritten."""
-    kd, trainer, counter = _prune_and_distil(tmp_path, max_epochs=3, ckpt_path=first_run["checkpoints"][0])
-    assert counter.steps == 2 * 2  # epochs 1 and 2
+    kd, trainer, counter = _prune_and_distil(tmp_path, max_epochs=4, ckpt_path=first_run["pruned"])
+    assert counter.steps == 2 * 2  # epochs 2 and 3
     assert_state_equal(kd.teacher.state_dict(), first_run["teacher"])
     assert kd.teacher_file == first_run["file"] and not (tmp_path / "distillation").exists()
     assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
     assert "train/distill_term" in trainer.callback_metrics
-    assert _record(tmp_path / "checkpoints" / "e2.ckpt") == _record(first_run["checkpoints"][0])
-    assert_no_teacher_tensor(torch.load(tmp_path / "checkpoints" / "e2.ckpt", weights_only=True), first_run["teacher"])
+    assert _record(tmp_path / "checkpoints" / "e3.ckpt") == _record(first_run["pruned"])
+    assert_no_teacher_tensor(torch.load(tmp_path / "checkpoints" / "e3.ckpt", weights_only=True), first_run["teacher"])
 
 
 def _checkpoint_with_record(first_run, target: Path, **changes) -> Path:
-    """A copy of the first run's e0 checkpoint at ``target`` whose teacher record has ``changes``."""
-    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    """A copy of the first run's first pruned checkpoint at ``target`` whose teacher record has ``changes``."""
+    checkpoint = torch.load(first_run["pruned"], weights_only=True)
     checkpoint["callbacks"]["KnowledgeDistillation"].update(changes)
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, target)
@@ -349,13 +354,13 @@ def test_missing_teacher_file_fails_before_training_and_an_explicit_teacher_resu
     gone = tmp_path / "elsewhere" / "distillation" / first_run["file"].name
     ckpt = _checkpoint_with_record(first_run, tmp_path / "run" / "e0.ckpt", path=str(gone))
     with pytest.raises(FileNotFoundError) as error:
-        _prune_and_distil(tmp_path / "resume", max_epochs=3, ckpt_path=ckpt)
+        _prune_and_distil(tmp_path / "resume", max_epochs=4, ckpt_path=ckpt)
     message = str(error.value)
     assert str(gone) in message and "Restore that file" in message and "teacher=<checkpoint" in message
     assert str(tmp_path / "run" / "distillation" / first_run["file"].name) in message  # where else it looked
     # The way out: an explicit teacher replaces the recorded one (here the first run's last checkpoint).
     kd, _, counter = _prune_and_distil(
-        tmp_path / "explicit", max_epochs=3, ckpt_path=ckpt, teacher=str(first_run["checkpoints"][1])
+        tmp_path / "explicit", max_epochs=4, ckpt_path=ckpt, teacher=str(first_run["checkpoints"][1])
     )
     assert counter.steps == 4 and kd.teacher_file is None
     assert kd.teacher.blocks[0].attn.qkv.weight.shape == first_run["student_qkv"]  # that checkpoint
@@ -393,25 +398,25 @@ def test_a_moved_run_directory_still_resumes(tmp_path):
 def test_a_checkpoint_with_the_teacher_inline_resumes_and_moves_it_to_a_file(first_run, tmp_path):
     """Checkpoints written before teachers became side files still resume; new checkpoints carry no teacher."""
     ckpt = tmp_path / "old.ckpt"
-    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    checkpoint = torch.load(first_run["pruned"], weights_only=True)
     checkpoint["callbacks"]["KnowledgeDistillation"] = {"teacher": first_run["teacher"]}
     with pytest.raises(AssertionError, match="holds the teacher's"):  # what the other tests would catch
         assert_no_teacher_tensor(checkpoint, first_run["teacher"])
     torch.save(checkpoint, ckpt)
-    kd, _, counter = _prune_and_distil(tmp_path / "resume", max_epochs=3, ckpt_path=ckpt)
+    kd, _, counter = _prune_and_distil(tmp_path / "resume", max_epochs=4, ckpt_path=ckpt)
     assert counter.steps == 4
     assert_state_equal(kd.teacher.state_dict(), first_run["teacher"])
     assert kd.teacher_file.parent == tmp_path / "resume" / "distillation"
     assert_state_equal(torch.load(kd.teacher_file, weights_only=True), first_run["teacher"])
     assert_no_teacher_tensor(
-        torch.load(tmp_path / "resume" / "checkpoints" / "e2.ckpt", weights_only=True), first_run["teacher"]
+        torch.load(tmp_path / "resume" / "checkpoints" / "e3.ckpt", weights_only=True), first_run["teacher"]
     )
 
 
 def test_a_pruned_checkpoint_without_a_teacher_record_fails_before_training(first_run, tmp_path):
     """Resumed past pruning from a run without distillation: the dense model is gone, so no silent no-op."""
     ckpt = tmp_path / "no_kd.ckpt"
-    checkpoint = torch.load(first_run["checkpoints"][0], weights_only=True)
+    checkpoint = torch.load(first_run["pruned"], weights_only=True)
     del checkpoint["callbacks"]["KnowledgeDistillation"]
     torch.save(checkpoint, ckpt)
     counter = StepCounter()

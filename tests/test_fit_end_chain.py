@@ -153,3 +153,47 @@ def test_callback_order_changes_nothing(tmp_path, trained_classifier, monkeypatc
     assert {status for status, _ in forward[0].values()} == {"ok"}
     assert forward[1] == backward[1]
     assert {name for name, *_ in forward[1]} >= {"dense fp32 eager", "pruned fp32 eager", "onnx-int8"}
+
+
+class Score(pl.Callback):
+    """Logs a chosen validation score per epoch, so which checkpoint is best is known in advance."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = scores
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("val/score", self.scores[trainer.current_epoch])
+
+
+@pytest.mark.parametrize("weights", ["best", "last"])
+def test_the_best_checkpoint_of_the_final_network_ships(tmp_path, trained_classifier, weights):
+    """Epoch 0 (dense) scores best overall, but pruning at its end makes it another network: of the pruned
+    epochs 1-3, epoch 2 is best, and that is what is quantized, exported and reported (unless weights='last')."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/score", mode="max", save_top_k=4)
+    export = MobileExport(formats=["onnx"], onnx_precisions=["fp32"], val_batches=1, output_dir=tmp_path / "out")
+    callbacks = [Score([0.95, 0.6, 0.9, 0.7]), StructuredPruning(ratio=0.25, at_epoch=1), checkpoint, export]
+    report = TradeoffReport(output_dir=tmp_path / "report", weights=weights, **QUICK_REPORT)
+    module = trained_classifier()
+    _trainer(tmp_path, 4, [*callbacks, report]).fit(module, _digits())
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())["meta"]
+    exported = onnxruntime_logits(tmp_path / "out" / "model_fp32.onnx")
+    if weights == "last":
+        assert meta["weights"]["weights"] == "last" and "asked for" in meta["weights"]["why"]
+        expected = module.model
+    else:
+        assert meta["weights"]["weights"] == "best" and meta["weights"]["epoch"] == 2
+        assert meta["weights"]["score"] == pytest.approx(0.9) and "epoch=2" in meta["weights"]["checkpoint"]
+        expected = copy.deepcopy(module.model)
+        state = torch.load(meta["weights"]["checkpoint"], weights_only=True)["state_dict"]
+        expected.load_state_dict({k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")})
+    images = _digits_val()[0][0][:1]
+    torch.testing.assert_close(exported(images), expected.eval()(images), atol=1e-4, rtol=1e-4)
+    report_meta = json.loads((tmp_path / "report" / "report.json").read_text())["meta"]
+    assert report_meta["weights"].startswith("best checkpoint" if weights == "best" else "weights at fit end")
+
+
+def onnxruntime_logits(path: Path):
+    from pqv_lightning.export import load_artifact
+
+    return load_artifact(path, "onnx").predict
