@@ -72,6 +72,8 @@ class DigitsDataModule(pl.LightningDataModule):
             )
         self.save_hyperparameters()
         self.class_names = [str(digit) for digit in range(10)]
+        #: (channels, height, width) of the images it yields, checked against the model's at setup.
+        self.image_shape = (in_chans, img_size, img_size)
         self._splits: dict[str, _TensorImages] = {}
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:

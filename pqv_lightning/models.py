@@ -9,7 +9,8 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from pqv_lightning.utils.checks import check_int
+from pqv_lightning.checkpoint import read_checkpoint
+from pqv_lightning.utils.checks import check_int, invalid
 
 __all__ = ["create_timm_model", "suggest_model_names", "validate_model_name", "validate_patch_size"]
 
@@ -51,15 +52,56 @@ def validate_patch_size(img_size: Any, patch_size: Any) -> None:
             )
 
 
-def _checkpoint_classes(model_name: str, path: str) -> int | None:
-    """Classifier size stored in a local weights file, so timm keeps a matching head instead of
-    re-initialising it (timm otherwise assumes the pretrained config's class count)."""
+def _classifier_name(model_name: str) -> str:
     classifier = timm.get_pretrained_cfg(model_name.split(".", 1)[0]).to_dict().get("classifier") or "head"
-    if isinstance(classifier, (tuple, list)):
-        classifier = classifier[0]
-    state = timm.models.load_state_dict(path, weights_only=True)
-    weight = state.get(f"{classifier}.weight")
-    return int(weight.shape[0]) if weight is not None else None
+    return classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+
+
+def _read_weights(path: str) -> dict[str, Any]:
+    """The state dict in a local weights file, weights-only; a Lightning checkpoint is refused with the way to
+    load it (its weights sit under ``state_dict`` with the module's prefix, and may need a pruned structure)."""
+    if path.endswith(".safetensors"):
+        return timm.models.load_state_dict(path)
+    state = read_checkpoint(path, "a timm state-dict file (.pth, .bin, .safetensors)")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "hyper_parameters" in state:
+        raise invalid(
+            "checkpoint_path",
+            path,
+            "a timm state-dict file (.pth, .bin, .safetensors); this is a Lightning checkpoint: load it with "
+            "ViTClassifier.from_checkpoint(path), or resume a fit from it with ckpt_path (--ckpt_path)",
+        )
+    return timm.models.clean_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+
+
+def _check_weights_fit(model_name: str, path: str, state: dict[str, Any], num_classes: int, kwargs: dict) -> None:
+    """Refuse weights of another width or depth with the layers that differ, before timm fails on one of them
+    with a message about something else (in_chans, say). The classifier (re-initialised for another class
+    count) and the first convolution's input channels (adapted by timm) may differ."""
+    expected = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs).state_dict()
+    classifier = _classifier_name(model_name)
+    mismatched = []
+    for key, value in state.items():
+        want = expected.get(key)
+        if want is None or tuple(want.shape) == tuple(value.shape) or key.startswith(classifier + "."):
+            continue
+        if (
+            value.dim() == 4
+            and want.dim() == 4
+            and value.shape[0] == want.shape[0]
+            and value.shape[2:] == want.shape[2:]
+        ):
+            continue  # in_chans differs: timm adapts the first convolution
+        mismatched.append(f"{key}: {list(value.shape)} in the file, {list(want.shape)} in the model")
+    missing = [key for key in expected if key not in state and not key.startswith(classifier + ".")]
+    if mismatched or len(missing) > len(expected) // 2:
+        shown = "; ".join(mismatched[:3]) or f"{len(missing)} of the model's {len(expected)} tensors are missing"
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise invalid(
+            "checkpoint_path",
+            path,
+            f"weights of {model_name!r} built with the same model_kwargs {kwargs} as when they were saved; these do "
+            f"not fit: {shown}{more}",
+        )
 
 
 def create_timm_model(
@@ -88,7 +130,12 @@ def create_timm_model(
         path = os.fspath(checkpoint_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint_path={path!r} does not exist or is not a file.")
-        overlay = {"file": path, "num_classes": _checkpoint_classes(model_name, path)}
+        state = _read_weights(path)
+        _check_weights_fit(model_name, path, state, num_classes, model_kwargs)
+        weight = state.get(f"{_classifier_name(model_name)}.weight")
+        # the file's class count, so timm keeps a matching head instead of re-initialising it (it otherwise
+        # assumes the pretrained config's class count)
+        overlay = {"file": path, "num_classes": int(weight.shape[0]) if weight is not None else None}
         model_kwargs = {**model_kwargs, "pretrained_cfg_overlay": overlay}
         pretrained = True
     try:

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.optim import param_groups_weight_decay
 from torchmetrics.classification import MulticlassAccuracy
 
-from pqv_lightning.checkpoint import restore_pruned_structure
+from pqv_lightning.checkpoint import read_checkpoint, restore_pruned_structure
 from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
 from pqv_lightning.safe_loading import load_weights_only
@@ -117,6 +117,25 @@ class ViTClassifier(pl.LightningModule):
                 f"The data has {data_classes} classes but the model has num_classes={self.num_classes}: "
                 "set model.num_classes to the data set's class count."
             )
+        self._check_image_shape(getattr(datamodule, "image_shape", None))
+
+    def _check_image_shape(self, data_shape: tuple[int, int, int] | None) -> None:
+        """Refuse data images of another size or channel count than a fixed-size model takes, naming both
+        settings (timm would fail later, inside the sanity check's first forward)."""
+        embed = getattr(self.model, "patch_embed", None)
+        size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+        if data_shape is None or size is None or not getattr(embed, "strict_img_size", True):
+            return
+        if getattr(embed, "dynamic_img_size", False):
+            return
+        channels = proj.in_channels if isinstance(proj, nn.Conv2d) else data_shape[0]
+        model_shape = (channels, *tuple(size))
+        if tuple(data_shape) != model_shape:
+            raise ValueError(
+                f"The data gives {data_shape[0]}-channel {data_shape[1]}x{data_shape[2]} images but the model takes "
+                f"{model_shape[0]}-channel {model_shape[1]}x{model_shape[2]} ones: set data.init_args.img_size / "
+                "in_chans and model.init_args.model_kwargs.img_size / in_chans to the same values."
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -191,5 +210,7 @@ class ViTClassifier(pl.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> ViTClassifier:
-        """``load_from_checkpoint`` with ``weights_only=True`` and on CPU: nothing in the file is unpickled."""
+        """``load_from_checkpoint`` with ``weights_only=True`` and on CPU: nothing in the file is unpickled. A file
+        that is no checkpoint (empty, truncated, not torch's) is refused first, saying which."""
+        read_checkpoint(path, "a Lightning checkpoint of ViTClassifier", mmap=True)
         return cls.load_from_checkpoint(os.fspath(path), map_location="cpu", weights_only=True, **kwargs)
