@@ -5,6 +5,7 @@ shapes mid-fit: resume, optimizers, DDP, the model before the change) and :class
 chain quantize -> export -> report, run once whatever the callback order).
 """
 
+from pqv_lightning.callbacks.checkpoints import LastCheckpoint
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.export import MobileExport
 from pqv_lightning.callbacks.fit_end import FitEndCallback
@@ -17,6 +18,7 @@ from pqv_lightning.callbacks.sparsity_gates import SparsityGates
 __all__ = [
     "FitEndCallback",
     "KnowledgeDistillation",
+    "LastCheckpoint",
     "MobileExport",
     "Quantization",
     "ShapeChangingCallback",

@@ -29,6 +29,7 @@ from pqv_lightning.callbacks._utils import (
     timm_model_of,
     train_loader,
 )
+from pqv_lightning.callbacks.checkpoints import warn_if_last_checkpoint_lags
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, read_checkpoint
@@ -285,6 +286,7 @@ class FitEndCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         timm_model_of(pl_module, self.model_attribute, type(self).__name__)
         load_weights_only(trainer)
+        warn_if_last_checkpoint_lags(trainer)
         if stage != "fit":
             return
         check_validation_data(trainer, type(self).__name__)

@@ -38,6 +38,7 @@ from typing_extensions import override
 
 from pqv_lightning.callbacks._lightning_internals import rewrap_ddp
 from pqv_lightning.callbacks._utils import timm_model_of
+from pqv_lightning.callbacks.checkpoints import warn_if_last_checkpoint_lags
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure, set_structure
 from pqv_lightning.pruning import PruningResult
 from pqv_lightning.safe_loading import load_weights_only
@@ -156,6 +157,7 @@ class ShapeChangingCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._model = timm_model_of(pl_module, self.model_attribute, type(self).__name__)
         load_weights_only(trainer)
+        warn_if_last_checkpoint_lags(trainer)
         _install_restore_hook(pl_module, self)
 
     @override
