@@ -9,8 +9,8 @@ from typing import Any
 import timm
 import torch.nn as nn
 
-from pqv_lightning.checkpoint import read_checkpoint
 from pqv_lightning.utils.checks import check_int, invalid
+from pqv_lightning.utils.torch_files import read_checkpoint
 
 __all__ = ["create_timm_model", "suggest_model_names", "validate_model_name", "validate_patch_size"]
 

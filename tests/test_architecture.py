@@ -110,6 +110,17 @@ def test_engines_import_neither_lightning_nor_the_lightning_face():
     assert not bad, "engines must stay Lightning-free:\n" + "\n".join(bad)
 
 
+def test_utils_import_nothing_of_pqv_but_utils():
+    bad = [
+        f"{name}:{line} imports {target}"
+        for name in MODULES
+        if _within(name, ("pqv_lightning.utils",))
+        for target, _, line in _imports(name)
+        if _within(target, ("pqv_lightning",)) and not _within(target, ("pqv_lightning.utils",))
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_only_the_apps_import_the_apps():
     bad = [
         f"{name}:{line} imports {target}"
