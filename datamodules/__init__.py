@@ -1,6 +1,6 @@
 """Lightning data modules of pqv-lightning (installed as ``pqv_lightning.datamodules``)."""
 
 from pqv_lightning.datamodules.digits import DigitsDataModule
-from pqv_lightning.datamodules.hf import HFImageDataModule
+from pqv_lightning.datamodules.hf import AUGMENTATIONS, HFImageDataModule
 
-__all__ = ["DigitsDataModule", "HFImageDataModule"]
+__all__ = ["AUGMENTATIONS", "DigitsDataModule", "HFImageDataModule"]

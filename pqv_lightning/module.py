@@ -24,9 +24,9 @@ from pqv_lightning.checkpoint import read_checkpoint, restore_pruned_structure
 from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
 from pqv_lightning.safe_loading import load_weights_only
-from pqv_lightning.utils.checks import check_number
+from pqv_lightning.utils.checks import check_int, check_number
 
-__all__ = ["ViTClassifier", "warmup_cosine"]
+__all__ = ["ViTClassifier", "restarted_warmup_cosine", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
@@ -35,6 +35,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: fl
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def restarted_warmup_cosine(
+    step: int, starts: tuple[int, ...], total_steps: int, warmup_steps: int, min_factor: float
+) -> float:
+    """:func:`warmup_cosine` started again at each of ``starts`` (steps, the first 0): every cycle warms up
+    (at most half of it) and decays to ``min_factor`` by its own end."""
+    begin = max(s for s in starts if s <= step)
+    end = min((s for s in starts if s > step), default=total_steps)
+    length = max(1, end - begin)
+    return warmup_cosine(step - begin, min(warmup_steps, length // 2), length, min_factor)
 
 
 class ViTClassifier(pl.LightningModule):
@@ -54,6 +65,9 @@ class ViTClassifier(pl.LightningModule):
         label_smoothing: label smoothing of the cross-entropy loss.
         optimizer: replaces the default AdamW (LightningCLI: ``--model.optimizer=SGD --model.optimizer.lr=...``).
         lr_scheduler: replaces the default warm-up + cosine schedule (stepped every epoch).
+        restart_epochs: epochs at which the default schedule starts again with its warm-up and cosine decay,
+            e.g. the pruning epoch of ``StructuredPruning(at_epoch=K)``: the dense model is annealed (converged)
+            when it is pruned and becomes the teacher, and the finetune gets a schedule of its own.
     """
 
     #: The training loss goes through ``pqv_lightning.distillation.distill`` (KnowledgeDistillation works).
@@ -73,8 +87,11 @@ class ViTClassifier(pl.LightningModule):
         label_smoothing: float = 0.1,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        restart_epochs: list[int] | None = None,
     ) -> None:
         super().__init__()
+        for i, epoch in enumerate(restart_epochs or ()):
+            check_int(f"restart_epochs[{i}]", epoch, 1)
         check_number("lr", lr, 0, min_open=True)
         check_number("weight_decay", weight_decay, 0)
         check_number("warmup_epochs", warmup_epochs, 0)
@@ -193,15 +210,21 @@ class ViTClassifier(pl.LightningModule):
         }
 
     def _default_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        """Linear warm-up then cosine decay, stepped every optimizer step."""
+        """Linear warm-up then cosine decay (again from each of ``restart_epochs``), stepped every optimizer step."""
         trainer = self.trainer
         total = max(1, int(trainer.estimated_stepping_batches))
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
         warmup = round(total * self.hparams.warmup_epochs / max_epochs)
         min_factor = min(1.0, self.hparams.min_lr / self.hparams.lr)
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_factor=min_factor)
-        )
+        restarts = sorted({e for e in self.hparams.get("restart_epochs") or () if e < max_epochs})
+        if not restarts:
+            schedule = functools.partial(warmup_cosine, warmup_steps=warmup, total_steps=total, min_factor=min_factor)
+        else:
+            starts = (0, *(round(total * e / max_epochs) for e in restarts))
+            schedule = functools.partial(
+                restarted_warmup_cosine, starts=starts, total_steps=total, warmup_steps=warmup, min_factor=min_factor
+            )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict is loaded (load_from_checkpoint and trainer.fit(ckpt_path=...)):

@@ -112,6 +112,7 @@ def _datamodule(data: str, classifier: ClassifierCheckpoint, batch_size: int, nu
         in_chans=channels,
         batch_size=batch_size,
         num_workers=num_workers,
+        augment="none",  # calibration images from the training split, as the model will see them
     )
 
 

@@ -1,0 +1,123 @@
+"""The quickstart recipe over several seeds: validation top-1 before pruning and at the end, and the time it takes.
+
+Run: ``python benchmarks/quickstart_seeds.py [--config configs/quickstart.yaml] [--seeds 0 1 2] [--train-only]
+[--set --trainer.max_epochs=30 ...]``.
+
+Each seed is one ``python train.py fit`` as a user runs it (the recipe's own callbacks, logger, data), with
+``OMP_NUM_THREADS`` left to the machine; a small callback records ``val/top1`` after every epoch. ``--train-only``
+drops the fit-end callbacks (quantization, export, report) to study the training alone. Printed per seed: top-1 of
+the last dense epoch (the one before ``StructuredPruning(at_epoch=K)``, or ``SparsityGates(prune_epoch=K)``), the
+best dense top-1, the final top-1, the wall time of the whole job; then the CPU and the worst case over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from _common import cpu_info
+
+REPO = Path(__file__).resolve().parents[1]
+FIT_END = ("Quantization", "MobileExport", "TradeoffReport")
+
+EPOCH_LOG = """
+import json
+import lightning.pytorch as pl
+
+
+class EpochLog(pl.Callback):
+    def __init__(self, path: str) -> None:
+        self.path, self.top1 = path, []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.top1.append(float(trainer.callback_metrics["val/top1"]))
+            with open(self.path, "w") as f:
+                json.dump(self.top1, f)
+"""
+
+
+def _prune_epoch(recipe: dict) -> int | None:
+    for callback in recipe["trainer"].get("callbacks") or []:
+        args = callback.get("init_args") or {}
+        for key in ("at_epoch", "prune_epoch"):
+            if key in args:
+                return int(args[key])
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-only", action="store_true", help="drop the fit-end callbacks")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FLAG", help="extra train.py flags, e.g. --trainer.max_epochs=30"
+    )
+    args = parser.parse_args()
+    recipe = yaml.safe_load(Path(args.config).read_text())
+    if args.train_only:
+        recipe["trainer"]["callbacks"] = [
+            cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].rsplit(".", 1)[1] not in FIT_END
+        ]
+    prune_epoch = _prune_epoch(recipe)
+    cpu = cpu_info()
+    print(f"CPU: {cpu.describe()} | ISA: {cpu.isa()}")
+    print(f"config: {args.config}{' (train only)' if args.train_only else ''} {' '.join(args.set)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pqv-seeds-") as work:
+        work = Path(work)
+        (work / "epoch_log.py").write_text(EPOCH_LOG)
+        recipe["trainer"]["logger"] = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(work / "runs"), "name": "seeds"},
+        }
+        config = work / "recipe.yaml"
+        config.write_text(yaml.safe_dump(recipe))
+        for seed in args.seeds:
+            log = work / f"top1_{seed}.json"
+            command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--seed_everything",
+                       str(seed), "--trainer.callbacks+=epoch_log.EpochLog", f"--trainer.callbacks.path={log}",
+                       "--trainer.enable_progress_bar=false", *args.set]  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": str(work), "PYTHONWARNINGS": "ignore"}
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                print(f"seed {seed}: failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-3:]}")
+                continue
+            top1 = json.loads(log.read_text())
+            dense = top1[:prune_epoch] if prune_epoch else top1
+            row = {
+                "seed": seed,
+                "before_pruning": dense[-1] * 100,
+                "best_dense": max(dense) * 100,
+                "final": top1[-1] * 100,
+                "seconds": seconds,
+            }
+            rows.append(row)
+            print(
+                f"seed {seed}: top-1 before pruning (epoch {len(dense) - 1}) {row['before_pruning']:.2f}%, best dense "
+                f"{row['best_dense']:.2f}%, final {row['final']:.2f}%; {seconds:.0f} s"
+            )
+    if rows:
+        worst = {k: min(r[k] for r in rows) for k in ("before_pruning", "final")}
+        mean = {k: statistics.fmean(r[k] for r in rows) for k in ("before_pruning", "final", "seconds")}
+        print(
+            f"worst over {len(rows)} seeds: before pruning {worst['before_pruning']:.2f}%, final "
+            f"{worst['final']:.2f}%; mean {mean['before_pruning']:.2f}% / {mean['final']:.2f}%, "
+            f"{mean['seconds']:.0f} s a run"
+        )
+    return 0 if len(rows) == len(args.seeds) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
