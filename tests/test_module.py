@@ -131,3 +131,35 @@ def test_checkpoint_loads_with_weights_only(tmp_path, tiny_classifier, digits):
     restored = ViTClassifier.from_checkpoint(path)
     for name, tensor in tiny_classifier.model.state_dict().items():
         assert torch.equal(restored.model.state_dict()[name], tensor), name
+
+
+def test_restart_epochs_start_the_schedule_again(tmp_path, tiny_vit_kwargs):
+    """With restart_epochs=[2] of 4 epochs, the LR anneals by the end of epoch 1 and warms up again in epoch 2."""
+    import lightning.pytorch as pl
+
+    from pqv_lightning.datamodules import DigitsDataModule
+    from pqv_lightning.module import restarted_warmup_cosine, warmup_cosine
+
+    assert restarted_warmup_cosine(3, (0, 10), 20, 2, 0.0) == warmup_cosine(3, 2, 10, 0.0)
+    assert restarted_warmup_cosine(13, (0, 10), 20, 2, 0.0) == warmup_cosine(3, 2, 10, 0.0)
+
+    lrs = []
+
+    class RecordLR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            lrs.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    module = ViTClassifier(
+        "vit_tiny_patch16_224", 10, model_kwargs=tiny_vit_kwargs, lr=1e-3, warmup_epochs=0.5, restart_epochs=[2]
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=4, limit_train_batches=4, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[RecordLR()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=DigitsDataModule(img_size=16, in_chans=1, batch_size=16))
+    by_epoch = {e: [lr for epoch, lr in lrs if epoch == e] for e in range(4)}
+    assert by_epoch[1][-1] < 0.2e-3 and by_epoch[3][-1] < 0.2e-3  # annealed at the end of each cycle
+    assert by_epoch[2][0] < by_epoch[2][1] and max(by_epoch[2]) == pytest.approx(1e-3)  # a new warm-up
+    with pytest.raises(ValueError, match=r"restart_epochs\[0\]=0 is invalid"):
+        ViTClassifier("vit_tiny_patch16_224", 10, model_kwargs=tiny_vit_kwargs, restart_epochs=[0])
