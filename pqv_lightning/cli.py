@@ -87,8 +87,17 @@ def main(args: list[str] | None = None, run: bool = True) -> PQVLightningCLI:
         if ours is None or os.environ.get("PQV_TRACEBACK"):
             raise
         status = 2 if isinstance(ours, _BAD_INPUT) and not isinstance(ours, FitEndIncompleteError) else 1
-        print(f"pqv: error: {ours}\n(set PQV_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        print(f"pqv: error{_rank_tag()}: {ours}\n(set PQV_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
+
+
+def _rank_tag() -> str:
+    """`` [rank 1/2]`` under a multi-process run, so each process's line says whose it is; empty otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return ""
+    return f" [rank {dist.get_rank()}/{dist.get_world_size()}]"
 
 
 if __name__ == "__main__":

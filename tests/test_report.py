@@ -231,7 +231,7 @@ def test_callback_warns_and_keeps_the_fit_when_measuring_fails(tmp_path, trained
         raise RuntimeError("timer broke")
 
     monkeypatch.setattr(pipeline, "measure_tradeoffs", broken)
-    report = TradeoffReport(output_dir=tmp_path / "report", memory=False)
+    report = TradeoffReport(output_dir=tmp_path / "report", memory=False, on_failure="warn")
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
