@@ -187,3 +187,26 @@ def test_points_run_as_separate_jobs_then_merge(tmp_path, capsys):
     changed = str(_config(tmp_path, finetune_epochs=2))
     for mode in (["--point", "dense"], ["--merge"]):
         assert main(["--config", changed, *mode, "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"PK\x03\x04 truncated", "truncated"), ({"note": "not a tensor"}, "is not a state dict of tensors")],
+)
+def test_a_damaged_dense_cache_is_named_with_what_to_do(tmp_path, capsys, monkeypatch, content, message):
+    monkeypatch.setattr(sweep, "quiet_trainer", pytest.fail)  # nothing trains on a damaged cache
+    config = str(_config(tmp_path))
+    out = tmp_path / "out"
+    assert main(["--config", config, "--list"]) == 0
+    out.mkdir(exist_ok=True)
+    cache = out / "dense.pt"
+    if isinstance(content, bytes):
+        cache.write_bytes(content)
+    else:
+        import torch
+
+        torch.save(content, cache)
+    capsys.readouterr()
+    assert main(["--config", config, "--prepare", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(cache) in err and message in err and "elete it to retrain" in err and "Traceback" not in err, err

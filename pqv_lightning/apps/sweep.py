@@ -91,7 +91,10 @@ def _dense_weights(spec: SweepSpec, recipe: dict, out: Path, bar_factory: Any) -
 
     path = out / "dense.pt"
     if path.is_file():
-        state = read_checkpoint(path, "the sweep's cached dense model (a state dict written by pqv-sweep)")
+        try:
+            state = read_checkpoint(path, "the sweep's cached dense model (a state dict written by pqv-sweep)")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} Delete it to retrain the dense model.") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{str(path)!r} is not a state dict of tensors: delete it to retrain the dense model")
         return state
