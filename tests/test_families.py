@@ -285,10 +285,98 @@ def test_prune_heads_refused_where_heads_are_not_separable(family: str) -> None:
     model, size = tiny(family)
     with pytest.raises(
         UnsupportedModelError,
-        match=rf"prune_heads=True is not supported for {family}.*"
-        "accepted: prune_heads=False",
+        match=rf"^prune_heads=True is invalid; accepted: prune_heads=False for {family} \(no block of it can "
+        r"remove whole heads; it prunes .+\)\.$",
     ):
         prune(model, PruningSpec(prune_heads=True), data(size)[0])
+
+
+def test_prune_heads_refused_where_one_table_is_shared_by_every_block() -> None:
+    source, kwargs, size = TINY["beit"]
+    model = timm.create_model(source, num_classes=10, **{**kwargs, "use_shared_rel_pos_bias": True})
+    model.eval()
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^prune_heads=True is invalid; accepted: prune_heads=False for beit with a shared relative position "
+        r"bias \(use_shared_rel_pos_bias=True",
+    ):
+        prune(model, PruningSpec(prune_heads=True), data(size)[0])
+    assert check_supported(model, PruningSpec()).name == "beit"  # head dims and MLPs are still pruned
+
+
+#: One model of every refused timm family (the smallest variant).
+REFUSED_MODELS = (
+    "crossvit_tiny_240",
+    "mvitv2_tiny",
+    "twins_svt_small",
+    "maxvit_tiny_tf_224",
+    "hiera_tiny_224",
+    "coat_lite_tiny",
+    "nest_tiny",
+    "volo_d1_224",
+    "gcvit_xxtiny",
+    "davit_tiny",
+)
+
+
+def test_unsupported_families_refused_up_front_with_what_is_unsupported() -> None:
+    from pqv_lightning.pruning.families import REFUSED
+
+    seen = set()
+    for name in REFUSED_MODELS:
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+        kind = f"{type(model).__module__}.{type(model).__name__}"
+        seen.add(kind)
+        before = copy.deepcopy(model.state_dict())
+        # refused before any tracing: a nonsense example input is never reached
+        with pytest.raises(UnsupportedModelError) as err:
+            prune(model, PruningSpec(), torch.zeros(1))
+        message = str(err.value)
+        assert message.startswith(f"model={kind!r} is invalid; accepted: a model of a supported family"), message
+        assert f"(unsupported: {REFUSED[kind]})" in message
+        assert all(f.description in message for f in FAMILIES)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert seen == set(REFUSED)
+
+
+#: Families with an attention coupling gated only where its values enter the projection while its q and k dims go
+#: too (see ``pqv_lightning.pruning.gates``): a zero gate there does not make the removal exact, only likely harmless.
+GATES_ON_VALUES_ONLY = {"beit", "convit", "edgenext", "efficientvit_mit", "pit", "swin", "vit_blocks", "xcit"}
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_sparsity_gates_fold_and_prune_the_gated_channels(family: str) -> None:
+    from pqv_lightning.pruning.gates import attach_gates, fold_gates, has_gates, prune_by_gates
+
+    dense, size = tiny(family)
+    x, _ = data(size)
+    model = copy.deepcopy(dense)
+    gates = attach_gates(model)
+    assert gates
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)  # gates start at 1: the same function
+        for gate in gates.values():  # a quarter of every gate exactly zero, the rest random
+            width = gate.numel()
+            values = 0.5 + torch.rand(width, generator=g)
+            values[torch.randperm(width, generator=g)[: width - int(width * 0.75)]] = 0.0
+            gate.copy_(values)
+        expected = model(x)
+        folded = copy.deepcopy(model)
+        fold_gates(folded)
+        assert not has_gates(folded)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-6)
+    result = prune_by_gates(model, 0.25, x)
+    assert not has_gates(model) and result.params_after < result.params_before
+    replay = copy.deepcopy(folded)
+    apply_structure(replay, result.structure)
+    assert_same_state(model, replay)
+    with torch.no_grad():
+        out = model(x)
+    if family not in GATES_ON_VALUES_ONLY:  # the zero-gated channels are the removed ones: the same function
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    else:
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("family", ["levit", "swin"])

@@ -21,6 +21,7 @@ from pqv_lightning import ViTClassifier
 from pqv_lightning.callbacks import MobileExport, Quantization, SparsityGates, StructuredPruning
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure
 from pqv_lightning.datamodules import DigitsDataModule
+from pqv_lightning.pruning import UnsupportedModelError
 from pqv_lightning.pruning.gates import has_gates
 
 torch.set_num_threads(1)
@@ -112,6 +113,18 @@ def test_prunes_at_epoch_k_and_the_checkpoint_rebuilds_it(tmp_path, family: str)
     module.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), module(images), rtol=0, atol=0)
+
+
+def test_an_option_the_family_cannot_take_is_refused_before_training(tmp_path) -> None:
+    module, probe = _classifier("efficientvit_msra"), Probe()
+    trainer = _trainer(tmp_path, 1, [StructuredPruning(ratio=0.25, prune_heads=True), probe])
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^prune_heads=True is invalid; accepted: prune_heads=False for efficientvit_msra \(no block of it "
+        r"can remove whole heads; it prunes .*cascaded",
+    ):
+        trainer.fit(module, datamodule=_digits("efficientvit_msra"))
+    assert probe.steps == [] and current_structure(module.model) is None
 
 
 class ForeignModule(pl.LightningModule):

@@ -347,17 +347,29 @@ def test_ignored_layers() -> None:
 
 
 def test_unsupported_refused() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"not supported.*supported families: .*deit3_"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^model='torch.nn.modules.container.Sequential' is invalid; accepted: .*"
+        r"Supported families: .*deit3_",
+    ):
         check_supported(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     # qk-norm ViTs are pruned inside their blocks (torch-pruning's whole-model trace fails on the per-head norms)
     assert check_supported(tiny_vit("vit_tiny_patch16_224", qk_norm=True)).name == "vit_blocks"
     torch.manual_seed(0)
     crossvit = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=10)
-    with pytest.raises(UnsupportedModelError, match=r"CrossVit is not supported.*two branches"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^model='timm.models.crossvit.CrossVit' is invalid; accepted: .*"
+        r"unsupported: two branches",
+    ):
         prune(crossvit, PruningSpec(), torch.randn(1, 3, 240, 240))
     b0 = timm.create_model("efficientvit_b0", pretrained=False, num_classes=10)
     assert check_supported(b0, PruningSpec(global_pruning=True)).name == "efficientvit_mit"
-    with pytest.raises(UnsupportedModelError, match=r"prune_heads=True is not supported for efficientvit_mit"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^prune_heads=True is invalid; accepted: "
+        r"prune_heads=False for efficientvit_mit",
+    ):
         check_supported(b0, PruningSpec(prune_heads=True))
 
 

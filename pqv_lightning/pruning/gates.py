@@ -16,7 +16,11 @@ towards zero by an L1 penalty. Where the gates sit:
   attention values), as VTP's eq. 10. That covers MLP hidden channels and expansions, head dims of attention
   with one head dim for q, k and v (gated where the values enter ``proj``), value dims and the linear-attention
   widths; key dims of blocks with separate key and value dims (LeViT, EfficientFormer(V2), TinyViT, class
-  attention, GPSA, cascaded group attention) have no layer reading them linearly and are not gated.
+  attention, GPSA, cascaded group attention) have no layer reading them linearly and are not gated. Where one
+  head dim is shared by q, k and v (Swin, BEiT, PiT, ConViT, XCiT, EdgeNeXt, qk-norm ViT, EfficientViT's LiteMLA),
+  the gate sees only the value channel: a zero gate makes the value dim unused, but removing it also removes its
+  q and k dims, which changes the attention logits a little (exact only for the MLP and value-only couplings and
+  for the ``vit`` family's gates on ``qkv``; ``tests/test_families.py`` checks which).
 
 Every gate sits next to a linear layer, so folding it into its weight rows (qkv, and bias) or columns is exact.
 Pruning goes through :func:`pqv_lightning.pruning.prune` with a torch-pruning importance built from the gate

@@ -13,7 +13,7 @@ from pqv_lightning.pruning.importances import (
     OBDCImportance,
     make_importance,
 )
-from pqv_lightning.utils.checks import check_bool, check_int, check_number, invalid
+from pqv_lightning.utils.checks import InvalidArgumentError, check_bool, check_int, check_number, invalid
 
 DATA_DRIVEN = GRADIENT_IMPORTANCES + HOOKED_IMPORTANCES
 _DATA_DRIVEN_TYPES = (
@@ -25,8 +25,16 @@ _DATA_DRIVEN_TYPES = (
 )
 
 
-class UnsupportedModelError(ValueError):
-    """The model (or the spec on this model) cannot be pruned into a correct network."""
+class UnsupportedModelError(InvalidArgumentError):
+    """The model (or the spec on this model) cannot be pruned into a correct network.
+
+    Its message has the one argument-check form (:mod:`pqv_lightning.utils.checks`), built by :func:`unsupported`.
+    """
+
+
+def unsupported(name: str, value: object, accepted: str) -> UnsupportedModelError:
+    """The refusal of ``name=value`` for a model (raise it): ``name=value is invalid; accepted: ...``."""
+    return UnsupportedModelError(str(invalid(name, value, accepted)))
 
 
 @dataclass(frozen=True)

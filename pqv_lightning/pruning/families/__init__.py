@@ -26,7 +26,7 @@ from pqv_lightning.pruning.families.swin import SwinFamily, SwinV2Family
 from pqv_lightning.pruning.families.tiny_vit import TinyViTFamily
 from pqv_lightning.pruning.families.vit import ViTBlocksFamily, ViTFamily
 from pqv_lightning.pruning.families.xcit import XCiTFamily
-from pqv_lightning.pruning.spec import UnsupportedModelError
+from pqv_lightning.pruning.spec import unsupported
 from pqv_lightning.utils.checks import invalid
 
 __all__ = [
@@ -106,11 +106,12 @@ def family_of(model: nn.Module) -> Family:
         if fam.matches(model):
             return fam
     kind = f"{type(model).__module__}.{type(model).__name__}"
-    why = f" (no family handles it: {REFUSED[kind]})" if kind in REFUSED else ""
-    raise UnsupportedModelError(
-        f"model type {kind} is not supported for structured pruning{why}; supported families: "
-        + "; ".join(f.description for f in FAMILIES)
-        + "."
+    why = f"unsupported: {REFUSED[kind]}" if kind in REFUSED else "no family handler matches this model type"
+    raise unsupported(
+        "model",
+        kind,
+        f"a model of a supported family for structured pruning ({why}). Supported families: "
+        + "; ".join(f.description for f in FAMILIES),
     )
 
 
@@ -118,4 +119,4 @@ def family_by_name(name: str) -> Family:
     for fam in FAMILIES:
         if fam.name == name:
             return fam
-    raise ValueError(f"unknown family {name!r}; known: {[f.name for f in FAMILIES]}")
+    raise invalid("family", name, ", ".join(f.name for f in FAMILIES))

@@ -10,13 +10,14 @@ torch-pruning cannot follow; it never changes a block's input or output width, s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from pqv_lightning.pruning.couplings import HEADS, Coupling
-from pqv_lightning.pruning.spec import PruningSpec, UnsupportedModelError
+from pqv_lightning.pruning.spec import PruningSpec, unsupported
 
 __all__ = ["Block", "BlockFamily", "DimsBlock", "Family", "Unit", "kept_channels", "unit_inputs"]
 
@@ -44,9 +45,10 @@ class Family:
     def check(self, model: nn.Module, spec: PruningSpec | None) -> None:
         """Raise UnsupportedModelError for configurations this family cannot prune correctly."""
         if spec is not None and spec.global_pruning and not self.supports_global:
-            raise UnsupportedModelError(
-                f"global_pruning=True is not supported for {self.name} "
-                "(its prunable units are pruned one by one); use global_pruning=False."
+            raise unsupported(
+                "global_pruning",
+                True,
+                f"global_pruning=False for {self.name} (its prunable units are pruned one by one)",
             )
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
@@ -61,8 +63,8 @@ class Family:
         """Hand-named couplings, scored and pruned after the units (:mod:`~pqv_lightning.pruning.couplings`)."""
         return []
 
-    def pruned_parts(self, spec: PruningSpec) -> str:
-        """What a pruning with ``spec`` removes, in words (for reports)."""
+    def pruned_parts(self, spec: PruningSpec, model: nn.Module | None = None) -> str:
+        """What a pruning with ``spec`` removes (in ``model``, if given), in words (for reports)."""
         return self.description
 
     def check_ratio(self, model: nn.Module, spec: PruningSpec, ratio: float) -> None:
@@ -177,19 +179,25 @@ class BlockFamily(Family):
         super().check(model, spec)
         sites = self._sites(model)
         if not sites:
-            raise UnsupportedModelError(
-                f"{self.name}: no prunable block found; supported blocks: "
-                + ", ".join(t.__name__ for b in self.blocks for t in b.types)
+            raise unsupported(
+                "model",
+                type(model).__name__,
+                f"a {self.name} model with at least one prunable block: "
+                + ", ".join(t.__name__ for b in self.blocks for t in b.types),
             )
         if spec is not None and spec.prune_heads and not any(b.heads for _, _, b in sites):
-            raise UnsupportedModelError(
-                f"prune_heads=True is not supported for {self.name} (no block of it can remove whole heads: "
-                f"{self.pruned_parts(spec)}); accepted: prune_heads=False."
+            accepted = dataclasses.replace(spec, prune_heads=False)
+            raise unsupported(
+                "prune_heads",
+                True,
+                f"prune_heads=False for {self.name} (no block of it can remove whole heads; it prunes "
+                f"{self.pruned_parts(accepted, model)})",
             )
 
-    def pruned_parts(self, spec: PruningSpec) -> str:
+    def pruned_parts(self, spec: PruningSpec, model: nn.Module | None = None) -> str:
+        present = self.blocks if model is None else [b for _, _, b in self._sites(model)]
         parts = []
-        for block in dict.fromkeys(b for b in self.blocks):
+        for block in dict.fromkeys(present):
             if spec.prune_heads and block.heads:
                 what = f"{block.name}: heads"
             elif (block.head_dims and not spec.prune_heads) or not (block.heads or block.head_dims):

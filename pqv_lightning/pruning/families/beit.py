@@ -25,7 +25,7 @@ from pqv_lightning.pruning.families.layers import (
     qkv_with_biases,
     split_heads,
 )
-from pqv_lightning.pruning.spec import PruningSpec, UnsupportedModelError
+from pqv_lightning.pruning.spec import PruningSpec, unsupported
 
 __all__ = ["BEiTFamily", "PrunedBeitAttention"]
 
@@ -59,7 +59,9 @@ class BEiTFamily(BlockFamily):
     def check(self, model, spec: PruningSpec | None) -> None:
         super().check(model, spec)
         if spec is not None and spec.prune_heads and model.rel_pos_bias is not None:
-            raise UnsupportedModelError(
-                f"prune_heads=True is not supported for {self.name} with a shared relative position bias "
-                "(use_shared_rel_pos_bias=True: one table for every block); accepted: prune_heads=False."
+            raise unsupported(
+                "prune_heads",
+                True,
+                f"prune_heads=False for {self.name} with a shared relative position bias "
+                "(use_shared_rel_pos_bias=True: one table for every block, so every block must keep its heads)",
             )
