@@ -112,7 +112,7 @@ def run_family(family: str, out_dir: Path, full_depth: bool) -> dict:
     x_cal, _ = _synthetic(32, size, seed=100)
     val = [_synthetic(64, size, seed=101)]
     spec = PruningSpec(ratio=RATIO)
-    row["pruned"] = check_supported(model, spec).pruned_parts(spec)
+    row["pruned"] = check_supported(model, spec).pruned_parts(spec, model)
     dense_model = copy.deepcopy(model)
     result = prune(model, spec, x_cal[:1])
     row.update(params=(result.params_before, result.params_after), macs=(result.macs_before, result.macs_after))
@@ -155,7 +155,7 @@ def _latency(rows: list[dict], threads: int, runs: int) -> None:
         x = torch.randn(*row["input"])
         loaded = {k: load_artifact(p, "executorch", threads) for k, p in paths.items()}
         stats = interleaved_latency({k: a.bind(x) for k, a in loaded.items()}, warmup=5, runs=runs)
-        row["latency_ms"] = {k: round(s.median, 3) for k, s in stats.items()}
+        row["latency_ms"] = {k: round(s.median_ms, 3) for k, s in stats.items()}
 
 
 def _refusals() -> list[tuple[str, str]]:
@@ -172,7 +172,10 @@ def _refusals() -> list[tuple[str, str]]:
             family = check_supported(model)
             out.append((name, f"NOT refused: family {family.name}"))
         except UnsupportedModelError as err:
-            out.append((name, str(err).split("; supported families")[0]))
+            message = str(err).split(". Supported families")[0]
+            kind = message.split("'")[1] if message.startswith("model='") else "?"
+            why = message.partition("(unsupported: ")[2][:-1] or message
+            out.append((f"{name} ({kind.rpartition('.')[2]})", why))
     return out
 
 
