@@ -145,7 +145,9 @@ def _prune_at(
                     unit.module,
                     x,
                     importance=importance,
-                    global_pruning=spec.global_pruning,
+                    # torch-pruning ranks isomorphic scopes only under global pruning (locally it would apply one
+                    # scope's top-k indices to every group of the scope)
+                    global_pruning=spec.global_pruning or spec.isomorphic,
                     isomorphic=spec.isomorphic,
                     pruning_ratio=ratio,
                     ignored_layers=unit.ignored,
