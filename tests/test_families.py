@@ -483,3 +483,18 @@ def test_pruned_family_exports_verified_pte_and_onnx(tmp_path, family: str) -> N
     assert [(r.name, r.status) for r in records] == [("executorch-fp32", "ok"), ("onnx-fp32", "ok")], records
     assert all(r.top1_agreement == 1.0 and r.max_abs_logit_diff < 1e-3 for r in records)
     assert records[0].extra["outside_ops"] == {}  # every operator in the XNNPACK delegate
+
+
+@pytest.mark.slow
+def test_pruned_swin_int8_pte_loads_and_is_fully_delegated(tmp_path) -> None:
+    """Swin pads its windows even when nothing is to pad; in an INT8 graph XNNPACK refused that pad at load time."""
+    from pqv_lightning.export import export_artifacts
+
+    model, size = tiny("swin")
+    x, y = data(size, n=16)
+    prune(model, PruningSpec(ratio=0.25), x[:1])
+    records = export_artifacts(
+        model.eval(), tmp_path, ["executorch"], x[:1], [(x, y)], calibration=[x], executorch_precisions=("int8",)
+    )
+    assert [(r.name, r.status) for r in records] == [("executorch-int8", "ok")], records
+    assert records[0].extra["outside_ops"] == {} and records[0].top1_agreement >= 0.9

@@ -259,7 +259,9 @@ class StaticReshapePass(ExportPass):
     LeViT-style attention, rotary tables) has no config; each of its outputs is a ``slice_copy``. ``mean.dim`` is
     delegated only over dims (2, 3) of a 4-D tensor with ``keepdim``: any other mean (token pooling ``x.mean(1)``,
     channels-last pooling) is a permute that moves the reduced dims last, a ``[1, kept, reduced, 1]`` view, that
-    mean, and a view to the result's shape. ``alias_copy`` (a no-op slice or pad) is dropped. Runs after
+    mean, and a view to the result's shape. ``alias_copy`` (a no-op slice or pad) is dropped, and so is a
+    ``constant_pad_nd`` that pads nothing (Swin's window pad in an INT8 graph: XNNPACK builds a quantized pad only
+    with equal input and output quantization and fails to load the program otherwise). Runs after
     ``RemoveNoopExpandCopyPass``.
     """
 
@@ -363,7 +365,9 @@ class StaticReshapePass(ExportPass):
             if node.target == exir_ops.edge.aten.mean.dim:
                 changed |= self._mean_as_4d(graph, node)
                 continue
-            if node.target == exir_ops.edge.aten.alias_copy.default:  # a no-op slice or pad (Swin's windows)
+            if node.target == exir_ops.edge.aten.alias_copy.default or (  # a no-op slice or pad (Swin's windows)
+                node.target == exir_ops.edge.aten.constant_pad_nd.default and not any(node.args[1])
+            ):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
                 changed = True
