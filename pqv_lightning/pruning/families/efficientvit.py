@@ -133,7 +133,7 @@ class EfficientViTMITFamily(BlockFamily):
 
 class EfficientViTMSRAFamily(BlockFamily):
     name = "efficientvit_msra"
-    description = "timm EfficientVitMsra (Microsoft): efficientvit_m* (ConvMlp expansions, key/value dims)"
+    description = "timm EfficientVitMsra (Microsoft): efficientvit_m* (ConvMlp expansions, cascaded-attention key dims)"
     model_type = msra.EfficientVitMsra
     blocks = (
         Hidden("msra_conv_mlp", (msra.ConvMlp,), ("pw1",), "pw2", what="FFN expansions"),
