@@ -12,7 +12,8 @@ FP32 must agree on every top-1 and stay within 1e-3 of the logits, INT8 on at le
 for the latency comparison. Then, with no other job running, the batch-1 latency of the dense and the pruned FP32
 ``.pte`` (ExecuTorch XNNPACK threadpool and torch fixed to ``--threads``), round-robin, median of ``--runs`` calls
 after 5 warm-up calls. Finally every model of ``REFUSED`` is offered to the pruning engine and its refusal printed.
-Prints one Markdown table (and writes ``zoo.json`` to ``--out-dir``).
+Prints one Markdown table, the families that passed every step and the reason of every failed file (and writes
+``zoo.json`` to ``--out-dir``; ``--table DIR/zoo.json`` prints them again).
 """
 
 from __future__ import annotations
@@ -213,6 +214,16 @@ def table(rows: list[dict], refusals: list[tuple[str, str]], threads: int) -> st
             f"| {m0 / 1e6:.1f}M -> {m1 / 1e6:.1f}M (-{100 * (1 - m1 / m0):.0f}%) | {r['pruned']} | {outside} "
             f"| {files} | {latency} |"
         )
+    passed = [r["family"] for r in rows if "error" not in r and all(f["status"] == "ok" for f in r["files"].values())]
+    lines += ["", f"Every step passed: {len(passed)} of {len(rows)} families ({', '.join(passed)})."]
+    failures = [
+        f"- {r['family']} {name}: {f['reason']}"
+        for r in rows
+        if "error" not in r
+        for name, f in r["files"].items()
+        if f["status"] != "ok"
+    ]
+    lines += ["", "Failed files:", *failures] if failures else []
     lines += ["", "| refused model | reason |", "|---|---|"]
     lines += [f"| {name} | {reason} |" for name, reason in refusals]
     return "\n".join(lines)
@@ -227,7 +238,12 @@ def main() -> None:
     parser.add_argument("--full-depth", action="store_true", help="timm's variants as defined (slow)")
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--table", type=Path, default=None, help="print the table of a finished run's zoo.json")
     args = parser.parse_args()
+    if args.table:
+        done = json.loads(args.table.read_text())
+        print(table(done["rows"], [tuple(r) for r in done["refused"]], args.threads))
+        return
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="pqv-zoo-"))
     if args.worker:  # one family, in a process of its own
         try:
