@@ -1,4 +1,4 @@
-"""``StructuredPruning``: dependency-graph pruning of a timm ViT inside a Lightning fit."""
+"""``StructuredPruning``: structured pruning of a timm vision transformer (any supported family) in a Lightning fit."""
 
 from __future__ import annotations
 
@@ -40,13 +40,16 @@ class StructuredPruning(ShapeChangingCallback):
     The structure is saved in every checkpoint as plain data, the summary of the pruning in this callback's state.
     Resuming (``trainer.fit(ckpt_path=...)``) or ``ViTClassifier.load_from_checkpoint`` rebuilds the structure
     before the weights load, without recomputing importance. Works on any LightningModule that exposes its timm
-    model as ``model`` (or ``model_attribute``). The dense model just before pruning is published to
-    ``before_shape_change`` (the default teacher of :class:`KnowledgeDistillation`, the report's dense row).
+    model as ``model`` (or ``model_attribute``), for every family in ``pqv_lightning.pruning.FAMILIES`` (what each
+    prunes: its ``description``); a model no family handles is refused in ``setup``, before training. The dense
+    model just before pruning is published to ``before_shape_change`` (the default teacher of
+    :class:`KnowledgeDistillation`, the report's dense row).
 
     Args:
         ratio: fraction of channels removed per prunable group, in [0, 1). ``None`` with a budget.
         importance: ``"l1"``, ``"l2"`` (Frobenius norm of each channel's weights), ``"taylor"``, ``"hessian"``,
-            ``"random"``, or a ``torch_pruning.importance.Importance`` object.
+            ``"random"``, ``"lamp"``, ``"fpgm"``, ``"obdc"``, ``"activation"`` (torch-pruning's criteria, see
+            :mod:`pqv_lightning.pruning.importances`), or a ``torch_pruning.importance.Importance`` object.
         global_pruning: rank channels across all groups instead of pruning each group by ``ratio``.
         bottleneck: prune only inside attention and MLP blocks, keeping the embedding width.
         prune_heads: remove whole attention heads instead of head dimensions.
@@ -58,7 +61,9 @@ class StructuredPruning(ShapeChangingCallback):
         at_epoch: 0 prunes at fit start; K > 0 prunes after K dense epochs (< ``max_epochs``; with ``max_steps``,
             the K epochs must end before the last step).
         model_attribute: attribute of the LightningModule holding the timm model.
-        loss_fn: loss of ``(logits, labels)`` for Taylor / Hessian.
+        loss_fn: loss of ``(logits, labels)`` for Taylor / Hessian / OBD-C.
+        isomorphic: torch-pruning's isomorphic pruning (ECCV 2024): rank together the groups of the same structure
+            (e.g. all MLP hidden groups), ``ratio`` overall in each.
     """
 
     def __init__(
@@ -76,11 +81,13 @@ class StructuredPruning(ShapeChangingCallback):
         at_epoch: int = 0,
         model_attribute: str = "model",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        isomorphic: bool = False,
     ) -> None:
         self.spec = PruningSpec(
             ratio=ratio,
             importance=importance,
             global_pruning=global_pruning,
+            isomorphic=isomorphic,
             bottleneck=bottleneck,
             prune_heads=prune_heads,
             ignored_layers=tuple(ignored_layers or ()),

@@ -31,8 +31,10 @@ class SparsityGates(ShapeChangingCallback):
     """Visual Transformer Pruning (Zhu et al.): learn which channels matter, then remove the rest.
 
     At setup a gate (initialised to 1) is put on every head dimension (shared by the heads) and every MLP
-    hidden channel of each block (see :mod:`pqv_lightning.pruning.gates`); the gates are parameters of the timm
-    model, so the optimizer trains them. Their L1 norm, weighted by ``l1_lambda``, is added to the objective (as its
+    hidden channel of each block, or, for the families pruned by named couplings, on every gateable coupling (MLP
+    hidden channels, expansions, attention head or value dims; see :mod:`pqv_lightning.pruning.gates` for where
+    the gates sit and which channels have none); the gates are parameters of the timm model, so the optimizer
+    trains them. Their L1 norm, weighted by ``l1_lambda``, is added to the objective (as its
     gradient ``l1_lambda * sign(gate)``, right before each optimizer step, after AMP unscaling and gradient
     accumulation: the same as adding the term to the loss, without touching the module's training step).
 

@@ -347,18 +347,29 @@ def test_ignored_layers() -> None:
 
 
 def test_unsupported_refused() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"not supported.*supported families: .*deit3_"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^model='torch.nn.modules.container.Sequential' is invalid; accepted: .*"
+        r"Supported families: .*deit3_",
+    ):
         check_supported(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-    with pytest.raises(UnsupportedModelError, match="qk_norm"):
-        check_supported(tiny_vit("vit_tiny_patch16_224", qk_norm=True))
+    # qk-norm ViTs are pruned inside their blocks (torch-pruning's whole-model trace fails on the per-head norms)
+    assert check_supported(tiny_vit("vit_tiny_patch16_224", qk_norm=True)).name == "vit_blocks"
     torch.manual_seed(0)
-    levit = timm.create_model("levit_128s", pretrained=False, num_classes=10)
-    with pytest.raises(UnsupportedModelError, match="Levit"):
-        prune(levit, PruningSpec(), torch.randn(1, 3, 224, 224))
+    crossvit = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=10)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^model='timm.models.crossvit.CrossVit' is invalid; accepted: .*"
+        r"unsupported: two branches",
+    ):
+        prune(crossvit, PruningSpec(), torch.randn(1, 3, 240, 240))
     b0 = timm.create_model("efficientvit_b0", pretrained=False, num_classes=10)
-    with pytest.raises(UnsupportedModelError, match="global_pruning"):
-        check_supported(b0, PruningSpec(global_pruning=True))
-    with pytest.raises(UnsupportedModelError, match="prune_heads"):
+    assert check_supported(b0, PruningSpec(global_pruning=True)).name == "efficientvit_mit"
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^prune_heads=True is invalid; accepted: "
+        r"prune_heads=False for efficientvit_mit",
+    ):
         check_supported(b0, PruningSpec(prune_heads=True))
 
 
@@ -377,7 +388,11 @@ def test_efficientvit(name: str) -> None:
         calibration=data,
     )
     assert result.params_after < result.params_before and result.macs_after < result.macs_before
-    assert result.layer_widths and all(a == b // 2 for b, a in result.layer_widths.values())
+    # every coupled width halves, except the cascaded-attention qkv layers: half their key dims (q and k rows) go,
+    # their value rows stay (the cascade adds each head's values to the next head's input slice)
+    kd = 16  # efficientvit_m0's key dim
+    for layer, (before, after) in result.layer_widths.items():
+        assert after == (before - kd if ".qkvs." in layer else before // 2), layer
     replay = copy.deepcopy(dense)
     apply_structure(replay, result.structure)
     assert_same_state(model, replay)

@@ -123,6 +123,18 @@ class _CalibrationReader:
         return next(self._feeds, None)
 
 
+def _pre_process(src: str, dst: str, **kwargs: Any) -> None:
+    """onnxruntime's ``quant_pre_process``; where its symbolic shape inference fails (an ``Expand`` of a shape it
+    cannot follow: SwinV2's and EdgeNeXt's normalised attention), with ONNX's own shape inference only."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(src, dst, **kwargs)
+    except Exception as e:
+        log.info("onnx: symbolic shape inference failed (%s); using ONNX shape inference", error_summary(e, limit=200))
+        quant_pre_process(src, dst, skip_symbolic_shape=True, **kwargs)
+
+
 class _OnnxBuilder:
     """The files of one model: the exported graphs are made once and shared by every precision."""
 
@@ -158,19 +170,16 @@ class _OnnxBuilder:
 
     def preprocessed(self, work: Path, extra: dict) -> Path:
         import onnx
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         src = work / "fp32.onnx"
         onnx.save_model(self.fp32_proto(extra), str(src))
         # onnxruntime's shape inference + graph cleanup: its quantizer fails on raw dynamo graphs without it.
         dst = work / "fp32.pre.onnx"
-        quant_pre_process(str(src), str(dst))
+        _pre_process(str(src), str(dst))
         return dst
 
     def optimized(self, work: Path, extra: dict) -> Path:
         """The model rewritten by ``prepare_for_onnxruntime``, exported, fused and shape-inferred."""
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         from pqv_lightning.export.onnxruntime_rewrites import fuse_for_onnxruntime, prepare_for_onnxruntime
 
         if self._prepared is None:
@@ -183,7 +192,7 @@ class _OnnxBuilder:
         fused = work / "fused.onnx"
         fuse_for_onnxruntime(proto, fused, extra)
         dst = work / "fused.pre.onnx"
-        quant_pre_process(str(fused), str(dst), skip_optimization=True)
+        _pre_process(str(fused), str(dst), skip_optimization=True)
         return dst
 
     def _write_quantized(self, path: Path, extra: dict, how: str, quantize: Callable[[str], None]) -> None:
@@ -192,6 +201,7 @@ class _OnnxBuilder:
         atomic_write(path, lambda tmp: quantize(str(tmp)))
 
     def write_int8(self, path: Path, extra: dict) -> None:
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with tempfile.TemporaryDirectory(dir=self.work_root, prefix=".onnx-work-") as work:
@@ -213,6 +223,8 @@ class _OnnxBuilder:
                 lambda out: quantize_dynamic(
                     str(src), out, weight_type=QuantType.QInt8, per_channel=self.per_channel,
                     reduce_range=self.reduce_range,
+                    # float where shape inference left a tensor untyped (the graphs are float models)
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 ),
             )  # fmt: skip
 

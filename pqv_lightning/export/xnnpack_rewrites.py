@@ -29,13 +29,16 @@ fully-connected layer.
 from __future__ import annotations
 
 import copy
+import math
+import operator
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
-from timm.layers import Attention
+from timm.layers import Attention, GroupNorm1, LayerNorm2d
+from timm.layers import GroupNorm as TimmGroupNorm
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -56,15 +59,56 @@ class _DelegableLayerNorm(nn.LayerNorm):
         if len(self.normalized_shape) != 1:
             return super().forward(x)
         shape = x.shape
-        x4 = x.reshape(1, -1, shape[-1], 1)
-        centered = x4 - x4.mean(dim=(2, 3), keepdim=True)
-        var = (centered * centered).mean(dim=(2, 3), keepdim=True)
-        y = (centered * torch.rsqrt(var + self.eps)).reshape(shape)
+        y = _rows_normalised(x.reshape(1, -1, shape[-1], 1), self.eps).reshape(shape)
         if self.weight is not None:
             y = y * self.weight
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def _rows_normalised(x4: Tensor, eps: float) -> Tensor:
+    """``x4`` ``[1, rows, n, 1]`` normalised over ``n`` with means over dims (2, 3) (see the module docstring)."""
+    centered = x4 - x4.mean(dim=(2, 3), keepdim=True)
+    var = (centered * centered).mean(dim=(2, 3), keepdim=True)
+    return centered * torch.rsqrt(var + eps)
+
+
+class _DelegableLayerNorm2d(LayerNorm2d):
+    """timm's channels-first ``LayerNorm2d`` (normalised over C of ``[B, C, H, W]``) in the delegable form."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = _rows_normalised(x.permute(0, 2, 3, 1).reshape(1, b * h * w, c, 1), self.eps)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+
+class _DelegableGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (also timm's ``GroupNorm``/``GroupNorm1``, MobileViTV2) as means over dims (2, 3) of a
+    ``[1, B * groups, C / groups * H * W, 1]`` view (XNNPACK has no group-norm config)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        y = _rows_normalised(x.reshape(1, shape[0] * self.num_groups, -1, 1), self.eps).reshape(shape)
+        if self.affine:
+            view = (1, -1) + (1,) * (len(shape) - 2)
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y
+
+
+class _DelegableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Global average pooling (output 1x1) as the 4-D ``mean`` over dims (2, 3) XNNPACK delegates (the adaptive
+    pooling lowers to ``as_strided_copy`` when the input is already small)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.output_size not in (1, (1, 1)):
+            return super().forward(x)
+        return x.mean(dim=(2, 3), keepdim=True)
 
 
 class _DelegableAttention(Attention):
@@ -169,9 +213,14 @@ for _type, _rewrite in (
     (Attention, _DelegableAttention),
     (nn.LayerNorm, _DelegableLayerNorm),
     (TimmLayerNorm, _DelegableLayerNorm),
+    (LayerNorm2d, _DelegableLayerNorm2d),
+    (nn.GroupNorm, _DelegableGroupNorm),
+    (TimmGroupNorm, _DelegableGroupNorm),
+    (GroupNorm1, _DelegableGroupNorm),
     (VisionTransformerDistilled, _DelegableDistilledViT),
     (VisionTransformer, _DelegableViT),
     (nn.Conv2d, _patchify_as_linear),
+    (nn.AdaptiveAvgPool2d, _DelegableAdaptiveAvgPool2d),
 ):
     register_xnnpack_rewrite(_type, _rewrite)
 
@@ -201,11 +250,19 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
 
 
 class StaticReshapePass(ExportPass):
-    """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, expand as cat.
+    """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, expand as cat; split
+    as slices; a mean over any dims as the one ``mean`` XNNPACK delegates.
 
     XNNPACK delegates ``view_copy``, ``slice_copy`` and ``cat`` but has no squeeze/select/expand config (and
     unsqueeze only on the trailing dim); with static shapes each of these is a reshape of a (sliced) tensor,
-    and a broadcast of a size-1 dim is a concatenation of copies. Runs after ``RemoveNoopExpandCopyPass``.
+    and a broadcast of a size-1 dim is a concatenation of copies. ``split_with_sizes_copy`` (q/k/v splits of
+    LeViT-style attention, rotary tables) has no config; each of its outputs is a ``slice_copy``. ``mean.dim`` is
+    delegated only over dims (2, 3) of a 4-D tensor with ``keepdim``: any other mean (token pooling ``x.mean(1)``,
+    channels-last pooling) is a permute that moves the reduced dims last, a ``[1, kept, reduced, 1]`` view, that
+    mean, and a view to the result's shape. ``alias_copy`` (a no-op slice or pad) is dropped, and so is a
+    ``constant_pad_nd`` that pads nothing (Swin's window pad in an INT8 graph: XNNPACK builds a quantized pad only
+    with equal input and output quantization and fails to load the program otherwise). Runs after
+    ``RemoveNoopExpandCopyPass``.
     """
 
     _SQUEEZES = (
@@ -242,11 +299,78 @@ class StaticReshapePass(ExportPass):
             current.meta["val"] = torch.cat([c.meta["val"] for c in copies], dim)
         return None if current is src else current
 
+    @staticmethod
+    def _split_as_slices(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+        src, sizes = node.args[0], list(node.args[1])
+        dim = (node.args[2] if len(node.args) > 2 else 0) % src.meta["val"].dim()
+        users = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in users):
+            return False
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        for user in users:
+            i = user.args[1]
+            with graph.inserting_before(user):
+                piece = graph.call_function(
+                    exir_ops.edge.aten.slice_copy.Tensor, (src, dim, starts[i], starts[i] + sizes[i], 1)
+                )
+            piece.meta = dict(user.meta)
+            user.replace_all_uses_with(piece)
+            graph.erase_node(user)
+        graph.erase_node(node)
+        return True
+
+    @staticmethod
+    def _mean_as_4d(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+        src = node.args[0]
+        rank = src.meta["val"].dim()
+        dims = sorted({d % rank for d in (node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]])})
+        keepdim = len(node.args) > 2 and bool(node.args[2])
+        if node.kwargs.get("dtype") is not None or (rank == 4 and dims == [2, 3] and keepdim):
+            return False
+        shape = [int(s) for s in src.meta["val"].shape]
+        kept = [d for d in range(rank) if d not in dims]
+        rows, cols = math.prod(shape[d] for d in kept), math.prod(shape[d] for d in dims)
+        current = src
+        steps = [
+            (exir_ops.edge.aten.permute_copy.default, (kept + dims,)),
+            (exir_ops.edge.aten.view_copy.default, ([1, rows, cols, 1],)),
+            (exir_ops.edge.aten.mean.dim, ([2, 3], True)),
+            (exir_ops.edge.aten.view_copy.default, ([int(s) for s in node.meta["val"].shape],)),
+        ]
+        for target, args in steps:
+            with graph.inserting_before(node):
+                nxt = graph.call_function(target, (current, *args))
+            val = current.meta["val"]
+            if target is exir_ops.edge.aten.permute_copy.default:
+                val = val.permute(*args[0])
+            elif target is exir_ops.edge.aten.mean.dim:
+                val = val.mean(dim=(2, 3), keepdim=True)
+            else:
+                val = val.reshape(*args[0])
+            nxt.meta = {**node.meta, "val": val}
+            current = nxt
+        node.replace_all_uses_with(current)
+        graph.erase_node(node)
+        return True
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         changed = False
         for node in list(graph.nodes):
+            if node.op == "call_function" and node.target == exir_ops.edge.aten.split_with_sizes_copy.default:
+                changed |= self._split_as_slices(graph, node)
+                continue
             if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+                continue
+            if node.target == exir_ops.edge.aten.mean.dim:
+                changed |= self._mean_as_4d(graph, node)
+                continue
+            if node.target == exir_ops.edge.aten.alias_copy.default or (  # a no-op slice or pad (Swin's windows)
+                node.target == exir_ops.edge.aten.constant_pad_nd.default and not any(node.args[1])
+            ):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                changed = True
                 continue
             out_shape = [int(s) for s in node.meta["val"].shape]
             if node.target in self._SQUEEZES:
@@ -282,3 +406,10 @@ class StaticReshapePass(ExportPass):
         graph.lint()
         graph_module.recompile()
         return PassResult(super().call(graph_module).graph_module, True)
+
+
+# The blocks of the mobile and ViT-relative families (one table, kept with their rewrites).
+from pqv_lightning.export.xnnpack_families import FAMILY_REWRITES  # noqa: E402
+
+for _type, _rewrite in FAMILY_REWRITES:
+    register_xnnpack_rewrite(_type, _rewrite)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from . import structure as st
+from .couplings import apply_couplings
 from .families import Family, family_by_name, family_of, unit_inputs
+from .importances import clear_statistics, collecting
 from .spec import PruningResult, PruningSpec
 
 _SEARCH_STEPS = 14
@@ -63,12 +65,14 @@ def _clear_caches(model: nn.Module) -> None:
 def _accumulate(
     model: nn.Module,
     spec: PruningSpec,
+    importance: tp.importance.Importance,
     calibration: Iterable,
     loss_fn: Callable,
     grad_reduce: Callable | None,
     device: torch.device,
 ) -> None:
-    """Gradients (Taylor) or mean squared per-sample gradients (Hessian/OBD) in `p.grad`, rank-reduced."""
+    """Gradients (Taylor) or mean squared per-sample gradients (Hessian/OBD) in `p.grad`, rank-reduced; the
+    activation / Fisher statistics of `importance` collected on the layers (see `importances.collecting`)."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -80,7 +84,7 @@ def _accumulate(
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        with torch.enable_grad():
+        with torch.enable_grad(), collecting(model, importance):
             for x, y in itertools.islice(calibration, spec.calibration_batches):
                 x, y = x.to(device), y.to(device)
                 _clear_caches(model)
@@ -120,15 +124,17 @@ def _prune_at(
     ratio: float,
     example_inputs: torch.Tensor,
     ignored: list[nn.Module],
+    importance: tp.importance.Importance,
 ) -> dict:
     """Prune `model` in place at `ratio`; return the structure (plain data)."""
     family.check_ratio(model, spec, ratio)
     shapes_before = st.shapes_of(model)
-    units = family.units(model, spec, ignored + family.heads(model))
+    before = family.before_surgery(model)
+    ignored = ignored + family.heads(model)
+    units = family.units(model, spec, ignored)
     inputs = unit_inputs(model, units, example_inputs)
     recorder = st.Recorder(model)
     head_ratio = ratio if spec.head_ratio is None else spec.head_ratio
-    importance = spec.make_importance()
     if ratio > 0:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
@@ -139,11 +145,16 @@ def _prune_at(
                     unit.module,
                     x,
                     importance=importance,
-                    global_pruning=spec.global_pruning,
+                    # torch-pruning ranks isomorphic scopes only under global pruning (locally it would apply one
+                    # scope's top-k indices to every group of the scope)
+                    global_pruning=spec.global_pruning or spec.isomorphic,
+                    isomorphic=spec.isomorphic,
                     pruning_ratio=ratio,
                     ignored_layers=unit.ignored,
                     round_to=spec.round_to,
                     num_heads=unit.num_heads,
+                    out_channel_groups={},  # torch-pruning's mutable default would keep every module alive
+                    in_channel_groups={},
                     prune_num_heads=spec.prune_heads,
                     prune_head_dims=not spec.prune_heads,
                     head_pruning_ratio=head_ratio if spec.prune_heads else 0.0,
@@ -152,7 +163,21 @@ def _prune_at(
                 for group in pruner.step(interactive=True):
                     recorder.prune_group(group)
                 unit.module.train(was_training)
-    extra = family.capture(model, units)
+        couplings = family.couplings(model, spec, ignored)
+        if couplings:
+            recorder.ops.extend(
+                apply_couplings(
+                    model,
+                    couplings,
+                    importance,
+                    ratio,
+                    head_ratio=head_ratio if spec.prune_heads else 0.0,
+                    round_to=spec.round_to,
+                    global_pruning=spec.global_pruning,
+                    isomorphic=spec.isomorphic,
+                )
+            )
+    extra = family.capture(model, units, spec, before)
     family.finalize(model, extra)
     st.drop_grads(model)
     return {
@@ -219,16 +244,18 @@ def prune(
     device = next(model.parameters()).device
     macs_before, params_before = count_macs_params(model, example_inputs)
     widths_before = {n: st.out_width(m) for n, m in model.named_modules()}
-    if spec.data_driven:
-        _accumulate(model, spec, calibration, loss_fn, grad_reduce, device)
+    importance = spec.make_importance()
     try:
+        if spec.data_driven:
+            _accumulate(model, spec, importance, calibration, loss_fn, grad_reduce, device)
         if spec.ratio is not None:
-            structure = _prune_at(model, family, spec, spec.ratio, example_inputs, ignored)
+            structure = _prune_at(model, family, spec, spec.ratio, example_inputs, ignored, importance)
         else:
-            structure = _search(model, family, spec, example_inputs, ignored, macs_before, params_before)
+            structure = _search(model, family, spec, example_inputs, ignored, macs_before, params_before, importance)
             apply_structure(model, structure)
     finally:
         st.drop_grads(model)
+        clear_statistics(model)
     macs_after, params_after = count_macs_params(model, example_inputs)
     return PruningResult(
         structure=structure,
@@ -249,13 +276,15 @@ def _search(
     ignored: list[nn.Module],
     macs0: int,
     params0: int,
+    importance: tp.importance.Importance,
 ) -> dict:
-    """Smallest ratio whose pruned copy meets the budget (importance statistics reused via `.grad`)."""
+    """Smallest ratio whose pruned copy meets the budget (importance statistics reused via `.grad` and the
+    statistics on the layers, which the copies carry)."""
     metric, target = ("macs", spec.target_macs) if spec.target_macs is not None else ("params", spec.target_params)
     names = {id(m): n for n, m in model.named_modules()}
 
     def trial(r: float) -> tuple[dict, int]:
-        return _trial(model, family, spec, r, example_inputs, [names[id(m)] for m in ignored], metric)
+        return _trial(model, family, spec, r, example_inputs, [names[id(m)] for m in ignored], metric, importance)
 
     if (macs0 if metric == "macs" else params0) <= target:
         return trial(0.0)[0]
@@ -286,13 +315,13 @@ def _search(
     return best[0]
 
 
-def _trial(model, family, spec, ratio, example_inputs, ignored_names, metric) -> tuple[dict, int]:
+def _trial(model, family, spec, ratio, example_inputs, ignored_names, metric, importance) -> tuple[dict, int]:
     clone = copy.deepcopy(model)
     for p, q in zip(model.parameters(), clone.parameters()):
         q.grad = p.grad
     mods = dict(clone.named_modules())
     ignored = [mods[n] for n in ignored_names]
-    structure = _prune_at(clone, family, spec, ratio, example_inputs, ignored)
+    structure = _prune_at(clone, family, spec, ratio, example_inputs, ignored, importance)
     if metric == "macs":
         value = count_macs_params(clone, example_inputs)[0]
     else:

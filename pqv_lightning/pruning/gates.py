@@ -1,17 +1,28 @@
 """VTP learnable sparsity gates (Zhu et al., "Visual Transformer Pruning"): attach, penalise, fold, prune.
 
 A gate is a learnable coefficient per prunable channel, multiplied into the features (VTP eq. 5) and pushed
-towards zero by an L1 penalty. Here, in every timm ``Block``:
+towards zero by an L1 penalty. Where the gates sit:
 
-* attention: one gate per head dimension, shared by all heads and by q, k and v, on the output of ``attn.qkv``.
+* ``vit`` family (timm ``VisionTransformer`` pruned by torch-pruning's whole-model trace), in every ``Block``:
+  attention: one gate per head dimension, shared by all heads and by q, k and v, on the output of ``attn.qkv``.
   The pruning engine removes the same head dimensions from every head (q, k, v and ``proj`` together), so one
   gate per head dimension scores exactly what can be removed, and a zero gate means the dimension is unused
   (it adds nothing to the attention logits nor to the values). VTP gates the features entering a layer
-  (eqs. 8-10); gating q, k and v alike is what makes the removal match the gate.
-* MLP: one gate per hidden channel, on the input of ``mlp.fc2`` (after the activation, VTP eq. 10).
+  (eqs. 8-10); gating q, k and v alike is what makes the removal match the gate. MLP: one gate per hidden
+  channel, on the input of ``mlp.fc2`` (after the activation, VTP eq. 10).
+* every other family (pruned by named couplings, :mod:`~pqv_lightning.pruning.couplings`): one gate per position
+  of each coupling that names a gate site (``Coupling.gate``), on the input channels of that layer (a linear
+  layer or dense convolution reading the coupled channels: ``fc2`` of an MLP, the output projection of the
+  attention values), as VTP's eq. 10. That covers MLP hidden channels and expansions, head dims of attention
+  with one head dim for q, k and v (gated where the values enter ``proj``), value dims and the linear-attention
+  widths; key dims of blocks with separate key and value dims (LeViT, EfficientFormer(V2), TinyViT, class
+  attention, GPSA, cascaded group attention) have no layer reading them linearly and are not gated. Where one
+  head dim is shared by q, k and v (Swin, BEiT, PiT, ConViT, XCiT, EdgeNeXt, qk-norm ViT, EfficientViT's LiteMLA),
+  the gate sees only the value channel: a zero gate makes the value dim unused, but removing it also removes its
+  q and k dims, which changes the attention logits a little (exact only for the MLP and value-only couplings and
+  for the ``vit`` family's gates on ``qkv``; ``tests/test_families.py`` checks which).
 
-Both gates sit next to a linear layer, so folding them into its weight rows (qkv, and bias) or columns (fc2)
-is exact.
+Every gate sits next to a linear layer, so folding it into its weight rows (qkv, and bias) or columns is exact.
 Pruning goes through :func:`pqv_lightning.pruning.prune` with a torch-pruning importance built from the gate
 magnitudes, so the pruned structure is the same plain data (checkpoint, resume, replay) as any other pruning.
 """
@@ -19,6 +30,7 @@ magnitudes, so the pruned structure is the same plain data (checkpoint, resume, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,6 +38,7 @@ import torch_pruning as tp
 from torch_pruning.pruner import function
 
 from pqv_lightning.pruning.engine import check_supported, prune
+from pqv_lightning.pruning.families import BlockFamily
 from pqv_lightning.pruning.spec import PruningResult, PruningSpec
 from pqv_lightning.utils.checks import check_number
 
@@ -42,33 +55,77 @@ __all__ = [
     "remove_gates",
 ]
 
-#: Name of the gate parameter registered on each gated ``attn.qkv`` / ``mlp.fc2`` (state-dict key suffix).
+#: Name of the gate parameter registered on each gated layer (state-dict key suffix).
 GATE_NAME = "pqv_gate"
+#: Non-persistent buffer on a gated layer: for each of its channels, the gate position it takes (``width``: none).
+_INDEX = "pqv_gate_index"
 _HOOK = "_pqv_gate_hook"
+_OUTPUT = "_pqv_gate_output"
+_OUT_FNS = (function.prune_linear_out_channels, function.prune_conv_out_channels)
+_IN_FNS = (function.prune_linear_in_channels, function.prune_conv_in_channels)
 
 
-def _gated_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Linear, int]]:
-    """(name, owner, gated linear, channels per gate) for every attention and MLP of a timm ViT.
+@dataclass
+class _Site:
+    """A gated layer: ``width`` gates, ``index[c]`` the gate of channel ``c`` (output channels if ``output``)."""
 
-    Attention gates scale the *outputs* of ``qkv`` (q, k and v of a head dimension alike), MLP gates the
-    *inputs* of ``fc2``.
-    """
-    for i, blk in enumerate(model.blocks):
-        yield f"blocks.{i}.attn", blk.attn, blk.attn.qkv, int(blk.attn.head_dim)
-        yield f"blocks.{i}.mlp", blk.mlp, blk.mlp.fc2, int(blk.mlp.fc2.in_features)
+    name: str
+    layer: nn.Module
+    output: bool
+    width: int
+    index: torch.Tensor
 
 
-def _tiled(gate: torch.Tensor, width: int) -> torch.Tensor:
-    return gate.repeat(width // gate.numel())
+def _channels(layer: nn.Module, output: bool) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features if output else layer.in_features
+    return layer.out_channels if output else layer.in_channels
+
+
+def _sites(model: nn.Module) -> Iterator[_Site]:
+    """Where the gates of ``model`` go (see the module docstring)."""
+    family = check_supported(model)
+    if family.name == "vit":
+        for i, blk in enumerate(model.blocks):
+            qkv, fc2 = blk.attn.qkv, blk.mlp.fc2
+            hd = int(blk.attn.head_dim)
+            yield _Site(f"blocks.{i}.attn.qkv", qkv, True, hd, torch.arange(qkv.out_features) % hd)
+            yield _Site(f"blocks.{i}.mlp.fc2", fc2, False, fc2.in_features, torch.arange(fc2.in_features))
+        return
+    if not isinstance(family, BlockFamily):
+        raise ValueError(f"Sparsity gates do not support the {family.name!r} family.")
+    spec = PruningSpec(ratio=0.0)
+    for coupling in family.couplings(model, spec, []):
+        if coupling.gate is None:
+            continue
+        member = coupling.members[coupling.gate]
+        layer = model.get_submodule(member.name)
+        if member.out or not (isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)):
+            raise ValueError(f"coupling {coupling.name}: gate site {member.name} is not a dense layer's input")
+        width = coupling.width
+        index = torch.full((_channels(layer, False),), width, dtype=torch.long)
+        for p, chans in enumerate(member.channels):
+            index[list(chans)] = p % width
+        yield _Site(member.name, layer, False, width, index)
+
+
+def _expanded(module: nn.Module) -> torch.Tensor:
+    """The gate of every channel of ``module`` (1 where none)."""
+    gate = getattr(module, GATE_NAME)
+    return torch.cat([gate, gate.new_ones(1)])[getattr(module, _INDEX)]
+
+
+def _shaped(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    return values.view(1, -1, 1, 1) if isinstance(module, nn.Conv2d) else values
 
 
 # The hooks read the gate from the module they run on, so a deep copy (e.g. a teacher) uses its own copy.
 def _gate_output(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-    return out * _tiled(getattr(module, GATE_NAME), out.shape[-1])
+    return out * _shaped(module, _expanded(module))
 
 
 def _gate_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0] * _tiled(getattr(module, GATE_NAME), args[0].shape[-1]), *args[1:])
+    return (args[0] * _shaped(module, _expanded(module)), *args[1:])
 
 
 def has_gates(model: nn.Module) -> bool:
@@ -85,26 +142,27 @@ def gates_of(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def attach_gates(model: nn.Module, init: float = 1.0) -> dict[str, nn.Parameter]:
-    """Add a gate (initialised to ``init``, so the function is unchanged at 1) to every attention and MLP.
+    """Add a gate (initialised to ``init``, so the function is unchanged at 1) to every gateable coupling.
 
-    Only timm ``VisionTransformer`` models (the pruning engine's ``vit`` family, head dimensions pruned) are
-    supported. The gates become parameters of ``model`` (so any optimizer built over its parameters trains them).
+    Any supported family (see the module docstring for where the gates sit); the gates become parameters of
+    ``model`` (so any optimizer built over its parameters trains them).
     """
-    family = check_supported(model)
-    if family.name != "vit":
-        raise ValueError(
-            f"Sparsity gates support the 'vit' family (timm VisionTransformer); this model is {family.name!r}."
-        )
     if has_gates(model):
         raise ValueError("The model already has sparsity gates.")
+    sites = list(_sites(model))
+    if not sites:
+        raise ValueError(f"Sparsity gates: {check_supported(model).name} has no gateable channels.")
     device = next(model.parameters()).device
-    for _, owner, linear, width in _gated_sites(model):
-        linear.register_parameter(GATE_NAME, nn.Parameter(torch.full((width,), float(init), device=device)))
-        if linear is getattr(owner, "qkv", None):
+    for site in sites:
+        linear = site.layer
+        linear.register_parameter(GATE_NAME, nn.Parameter(torch.full((site.width,), float(init), device=device)))
+        linear.register_buffer(_INDEX, site.index.to(device), persistent=False)
+        if site.output:
             handle = linear.register_forward_hook(_gate_output)
         else:
             handle = linear.register_forward_pre_hook(_gate_input)
         object.__setattr__(linear, _HOOK, handle)
+        object.__setattr__(linear, _OUTPUT, site.output)
     return gates_of(model)
 
 
@@ -114,24 +172,28 @@ def remove_gates(model: nn.Module) -> None:
         handle = m.__dict__.pop(_HOOK, None)
         if handle is not None:
             handle.remove()
+        m.__dict__.pop(_OUTPUT, None)
         if GATE_NAME in m._parameters:
             del m._parameters[GATE_NAME]
+        if _INDEX in m._buffers:
+            del m._buffers[_INDEX]
+
+
+def _gated(model: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in model.modules() if isinstance(getattr(m, GATE_NAME, None), nn.Parameter))
 
 
 @torch.no_grad()
 def fold_gates(model: nn.Module) -> None:
-    """Multiply each gate into the weight columns of the layer it feeds, then remove it: same outputs, no gates."""
-    for _, owner, linear, _ in _gated_sites(model):
-        gate = getattr(linear, GATE_NAME, None)
-        if not isinstance(gate, nn.Parameter):
-            continue
-        gate = gate.detach().to(linear.weight.dtype)
-        if linear is getattr(owner, "qkv", None):  # output channels: rows of the weight, and the bias
-            linear.weight.mul_(_tiled(gate, linear.out_features)[:, None])
-            if linear.bias is not None:
-                linear.bias.mul_(_tiled(gate, linear.out_features))
+    """Multiply each gate into the weight rows or columns of the layer it gates, then remove it: same outputs."""
+    for layer in _gated(model):
+        gate = _expanded(layer).detach().to(layer.weight.dtype)
+        if layer.__dict__.get(_OUTPUT):  # output channels: rows of the weight, and the bias
+            layer.weight.mul_(gate.view(-1, *([1] * (layer.weight.dim() - 1))))
+            if layer.bias is not None:
+                layer.bias.mul_(gate)
         else:  # input channels: columns of the weight
-            linear.weight.mul_(_tiled(gate, linear.in_features))
+            layer.weight.mul_(gate.view(1, -1, *([1] * (layer.weight.dim() - 2))))
     remove_gates(model)
 
 
@@ -146,9 +208,9 @@ def gate_l1(model: nn.Module) -> torch.Tensor:
 class GateImportance(tp.importance.Importance):
     """torch-pruning importance: a channel's score is the magnitude of its gate.
 
-    ``scores`` maps each gated linear layer to its gate magnitudes; ``qkv`` layers are gated on their output
-    channels, the others (``mlp.fc2``) on their input channels. A group is scored by the gated channels it
-    contains (mean over q, k and v); groups without a gated layer are not pruned.
+    ``scores`` maps each gated layer to the gate magnitude of each of its channels (output channels for the layers
+    in ``output_gated``, input channels for the others). A group is scored by the gated channels it contains
+    (their mean, e.g. over q, k and v); groups without a gated layer are not pruned.
     """
 
     def __init__(self, scores: dict[nn.Module, torch.Tensor], output_gated: set[nn.Module] | None = None) -> None:
@@ -161,24 +223,17 @@ class GateImportance(tp.importance.Importance):
         total, count = torch.zeros(width), torch.zeros(width)
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
-            score = self.scores.get(layer)
-            if score is None:
-                continue
-            if layer in self.output_gated:
-                if dep.pruning_fn != function.prune_linear_out_channels:
-                    continue
-                full = _tiled(score, layer.out_features)
-            elif dep.pruning_fn == function.prune_linear_in_channels:
-                full = _tiled(score, layer.in_features)
-            else:
+            full = self.scores.get(layer)
+            if full is None or dep.pruning_fn not in (_OUT_FNS if layer in self.output_gated else _IN_FNS):
                 continue
             root_idxs = group[i].root_idxs
             if any(r is None for r in root_idxs):
                 continue
             local = full[torch.as_tensor(idxs, dtype=torch.long, device=full.device)].cpu()
             where = torch.as_tensor(root_idxs, dtype=torch.long)
-            total.scatter_add_(0, where, local)
-            count.scatter_add_(0, where, torch.ones_like(local))
+            keep = local >= 0  # channels without a gate (-1) do not score
+            total.scatter_add_(0, where[keep], local[keep])
+            count.scatter_add_(0, where[keep], torch.ones_like(local[keep]))
         if not count.any():
             return None
         # Mean over the gated layers touching each channel (q, k and v share one gate: the gate itself).
@@ -190,12 +245,12 @@ def gate_importance(model: nn.Module) -> GateImportance:
     if not has_gates(model):
         raise ValueError("The model has no sparsity gates (attach_gates first).")
     scores, output_gated = {}, set()
-    for _, owner, linear, _ in _gated_sites(model):
-        gate = getattr(linear, GATE_NAME, None)
-        if isinstance(gate, nn.Parameter):
-            scores[linear] = gate.detach().abs().float().clone()
-            if linear is getattr(owner, "qkv", None):
-                output_gated.add(linear)
+    for layer in _gated(model):
+        index = getattr(layer, _INDEX)
+        gate = getattr(layer, GATE_NAME).detach().abs().float()
+        scores[layer] = torch.cat([gate, gate.new_full((1,), -1.0)])[index].clone()
+        if layer.__dict__.get(_OUTPUT):
+            output_gated.add(layer)
     return GateImportance(scores, output_gated)
 
 

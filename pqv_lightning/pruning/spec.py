@@ -6,14 +6,35 @@ from dataclasses import dataclass, field, fields
 
 import torch_pruning as tp
 
-from pqv_lightning.utils.checks import check_int, check_number, invalid
+from pqv_lightning.pruning.importances import (
+    GRADIENT_IMPORTANCES,
+    HOOKED_IMPORTANCES,
+    IMPORTANCES,
+    OBDCImportance,
+    make_importance,
+)
+from pqv_lightning.utils.checks import InvalidArgumentError, check_bool, check_int, check_number, invalid
 
-IMPORTANCES = ("l1", "l2", "taylor", "hessian", "random")
-DATA_DRIVEN = ("taylor", "hessian")
+DATA_DRIVEN = GRADIENT_IMPORTANCES + HOOKED_IMPORTANCES
+_DATA_DRIVEN_TYPES = (
+    tp.importance.GroupTaylorImportance,
+    tp.importance.GroupHessianImportance,
+    tp.importance.OBDCImportance,
+    tp.importance.ActivationImportance,
+    OBDCImportance,
+)
 
 
-class UnsupportedModelError(ValueError):
-    """The model (or the spec on this model) cannot be pruned into a correct network."""
+class UnsupportedModelError(InvalidArgumentError):
+    """The model (or the spec on this model) cannot be pruned into a correct network.
+
+    Its message has the one argument-check form (:mod:`pqv_lightning.utils.checks`), built by :func:`unsupported`.
+    """
+
+
+def unsupported(name: str, value: object, accepted: str) -> UnsupportedModelError:
+    """The refusal of ``name=value`` for a model (raise it): ``name=value is invalid; accepted: ...``."""
+    return UnsupportedModelError(str(invalid(name, value, accepted)))
 
 
 @dataclass(frozen=True)
@@ -22,7 +43,11 @@ class PruningSpec:
 
     ratio: fraction of channels removed in each prunable group, in [0, 1). Exactly one of `ratio`,
         `target_macs`, `target_params` is set (a budget sets `ratio=None`).
-    importance: "l1", "l2", "taylor", "hessian", "random" or a `torch_pruning.importance.Importance`.
+    importance: a name in `IMPORTANCES` ("l1", "l2", "taylor", "hessian", "random", "lamp", "fpgm", "obdc",
+        "activation"; see :mod:`pqv_lightning.pruning.importances`) or a `torch_pruning.importance.Importance`.
+    global_pruning: rank channels across all groups instead of removing `ratio` of each.
+    isomorphic: torch-pruning's isomorphic pruning (Fang et al., ECCV 2024): rank together only the groups of the
+        same structure (e.g. all MLP hidden groups, all head-dimension groups), `ratio` overall in each.
     bottleneck: prune only inside attention / MLP, keep the embedding width.
     prune_heads: remove whole heads (`head_ratio` of them, default `ratio`); otherwise shrink head dims.
     ignored_layers: module names whose output channels are left alone (classifier heads always are).
@@ -34,6 +59,7 @@ class PruningSpec:
     ratio: float | None = 0.25
     importance: str | tp.importance.Importance = "l2"
     global_pruning: bool = False
+    isomorphic: bool = False
     bottleneck: bool = False
     prune_heads: bool = False
     ignored_layers: tuple[str, ...] = ()
@@ -64,6 +90,7 @@ class PruningSpec:
         check_number(
             "head_ratio", self.head_ratio, 0, 1, max_open=True, allow_none=True, accepted="None or a float in [0, 1)"
         )
+        check_bool("isomorphic", self.isomorphic)
         accepted = f"{', '.join(IMPORTANCES)} or a torch_pruning.importance.Importance"
         if not isinstance(self.importance, tp.importance.Importance) and self.importance not in IMPORTANCES:
             raise invalid("importance", self.importance, accepted)
@@ -75,11 +102,11 @@ class PruningSpec:
 
     @property
     def data_driven(self) -> bool:
-        """True when the importance reads gradients (needs calibration batches)."""
+        """True when the importance reads gradients or activations (needs calibration batches)."""
         imp = self.importance
         if isinstance(imp, str):
             return imp in DATA_DRIVEN
-        return isinstance(imp, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance))
+        return isinstance(imp, _DATA_DRIVEN_TYPES)
 
     @property
     def hessian(self) -> bool:
@@ -89,15 +116,7 @@ class PruningSpec:
     def make_importance(self) -> tp.importance.Importance:
         """The torch-pruning importance object (the same criteria as torch-pruning's ViT example)."""
         imp = self.importance
-        if not isinstance(imp, str):
-            return imp
-        return {
-            "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-            "taylor": tp.importance.GroupTaylorImportance,
-            "hessian": tp.importance.GroupHessianImportance,
-            "random": tp.importance.RandomImportance,
-        }[imp]()
+        return make_importance(imp) if isinstance(imp, str) else imp
 
     def to_dict(self) -> dict:
         """Plain-data view (an importance object is stored by its class name)."""

@@ -1,4 +1,17 @@
-"""timm's plain ``VisionTransformer``: ViT, DeiT (incl. distilled), DeiT III."""
+"""timm's ``VisionTransformer``: ViT, DeiT (incl. distilled), DeiT III, register tokens and DINOv2 layer scale
+(``vit``); and its variants torch-pruning's whole-model trace cannot prune correctly (``vit_blocks``).
+
+``vit``: torch-pruning traces the whole model (embedding width included, as its own ViT example), with timm's
+``Attention`` heads declared; afterwards ``num_heads``/``head_dim``/``attn_dim`` are set and the trained softmax
+scale is folded into the q rows. Prefix tokens (class, distillation, register tokens) and position embeddings are
+pruned with the embedding as unwrapped parameters.
+
+``vit_blocks``: q/k norms over the head dim (qk-norm), an output norm (scale-norm), gated attention, gated MLPs
+(SwiGLU / GluMlp), attention pooling: torch-pruning's tracer fails on the per-head norms (an IndexError in its
+importance), so only the inside of each block is pruned, by named couplings (MLP hidden channels, head dims with
+the q/k norm channels and the output norm, or heads); the embedding width is kept and the trained scale is folded
+into the q norm's affine (or the q rows).
+"""
 
 from __future__ import annotations
 
@@ -8,62 +21,56 @@ import torch.nn as nn
 from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from pqv_lightning.pruning.families.base import Family, Unit, kept_channels
-from pqv_lightning.pruning.spec import PruningSpec, UnsupportedModelError
+from pqv_lightning.pruning.families.base import BlockFamily, Family, Unit, kept_channels
+from pqv_lightning.pruning.families.layers import ATTENTION, MLPS
+from pqv_lightning.pruning.spec import PruningSpec
 from pqv_lightning.pruning.structure import scale_rows
 
-__all__ = ["ViTFamily"]
+__all__ = ["ViTBlocksFamily", "ViTFamily", "whole_model_issue"]
+
+
+def whole_model_issue(model: nn.Module) -> str | None:
+    """Why torch-pruning's whole-model trace cannot prune this ``VisionTransformer`` correctly (``None``: it can)."""
+    if getattr(model, "attn_pool", None) is not None:
+        return "attention pooling (attn_pool)"
+    for name, m in model.named_modules():
+        cls = type(m)
+        if "Attention" in cls.__name__ and cls is not Attention and "Pool" not in cls.__name__:
+            return f"{name}: attention type {cls.__module__}.{cls.__name__}"
+        if cls is Attention:
+            bad = [
+                f
+                for f, ok in (
+                    ("qk_norm", isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)),
+                    ("scale_norm", isinstance(m.norm, nn.Identity)),
+                    ("gated", m.gate is None),
+                )
+                if not ok
+            ]
+            if bad:
+                return f"{name}: Attention with {', '.join(bad)}"
+            if m.qkv.out_features != 3 * m.num_heads * m.head_dim:
+                return f"{name}: qkv width does not match num_heads*head_dim"
+    for name, blk in model.blocks.named_children():
+        if type(blk) is not Block:
+            return f"blocks.{name}: block type {type(blk).__name__}"
+        if not isinstance(blk.mlp, Mlp) or not isinstance(blk.mlp.norm, nn.Identity):
+            return f"blocks.{name}: MLP type {type(blk.mlp).__name__} (or an MLP with a norm)"
+        for ls in (blk.ls1, blk.ls2):
+            if not isinstance(ls, (nn.Identity, LayerScale)):
+                return f"blocks.{name}: layer scale {type(ls).__name__}"
+    return None
 
 
 class ViTFamily(Family):
     name = "vit"
-    description = "timm VisionTransformer: vit_*, deit_* (incl. distilled), deit3_*"
+    description = (
+        "timm VisionTransformer: vit_*, deit_* (incl. distilled), deit3_*, register tokens, DINOv2 layer scale "
+        "(embedding width, MLP hidden, head dims or heads)"
+    )
 
     def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
-
-    def check(self, model: nn.Module, spec: PruningSpec | None) -> None:
-        super().check(model, spec)
-        if getattr(model, "attn_pool", None) is not None:
-            raise UnsupportedModelError("ViT with attention pooling (attn_pool) is not supported.")
-        for name, m in model.named_modules():
-            cls = type(m)
-            if "Attention" in cls.__name__ and cls is not Attention:
-                raise UnsupportedModelError(
-                    f"{name}: attention type {cls.__module__}.{cls.__name__} is not "
-                    "supported; supported: timm.layers.Attention."
-                )
-            if cls is Attention:
-                bad = [
-                    f
-                    for f, ok in (
-                        ("qk_norm", isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity)),
-                        ("scale_norm", isinstance(m.norm, nn.Identity)),
-                        ("gated", m.gate is None),
-                    )
-                    if not ok
-                ]
-                if bad:
-                    raise UnsupportedModelError(
-                        f"{name}: Attention with {', '.join(bad)} is not supported (the softmax-scale "
-                        "correction cannot be folded into the query weights)."
-                    )
-                if m.qkv.out_features != 3 * m.num_heads * m.head_dim:
-                    raise UnsupportedModelError(f"{name}: qkv width does not match num_heads*head_dim.")
-        for name, blk in model.blocks.named_children():
-            if type(blk) is not Block:
-                raise UnsupportedModelError(
-                    f"blocks.{name}: block type {type(blk).__name__} is not "
-                    "supported; supported: timm.models.vision_transformer.Block."
-                )
-            if not isinstance(blk.mlp, Mlp) or not isinstance(blk.mlp.norm, nn.Identity):
-                raise UnsupportedModelError(
-                    f"blocks.{name}: MLP type {type(blk.mlp).__name__} (or an MLP "
-                    "with a norm) is not supported; supported: timm.layers.Mlp."
-                )
-            for ls in (blk.ls1, blk.ls2):
-                if not isinstance(ls, (nn.Identity, LayerScale)):
-                    raise UnsupportedModelError(f"blocks.{name}: layer scale {type(ls).__name__} is not supported.")
+        return isinstance(model, VisionTransformer) and whole_model_issue(model) is None
 
     def heads(self, model: nn.Module) -> list[nn.Module]:
         return [getattr(model, n) for n in ("head", "head_dist") if isinstance(getattr(model, n, None), nn.Module)]
@@ -78,7 +85,7 @@ class ViTFamily(Family):
         return [Unit("", model, ignored, {a.qkv: a.num_heads for _, a in self._attns(model)})]
 
     def check_ratio(self, model: nn.Module, spec: PruningSpec, ratio: float) -> None:
-        if spec.global_pruning or ratio == 0:
+        if spec.global_pruning or spec.isomorphic or ratio == 0:
             return
         if spec.prune_heads:
             hr = ratio if spec.head_ratio is None else spec.head_ratio
@@ -113,7 +120,7 @@ class ViTFamily(Family):
             widths.append(model.embed_dim)
         return min(widths)
 
-    def capture(self, model: nn.Module, units: list[Unit]) -> dict:
+    def capture(self, model: nn.Module, units: list[Unit], spec: PruningSpec, before: dict) -> dict:
         heads = units[0].num_heads  # torch-pruning updates this dict when it removes heads
         out = {}
         for name, a in self._attns(model):
@@ -142,3 +149,18 @@ class ViTFamily(Family):
                 scale_rows(a.qkv.weight.data, nh * hd, factor)
                 if a.qkv.bias is not None:
                     scale_rows(a.qkv.bias.data, nh * hd, factor)
+
+
+class ViTBlocksFamily(BlockFamily):
+    """``VisionTransformer`` variants with block parts the whole-model trace cannot prune (see the module doc)."""
+
+    name = "vit_blocks"
+    description = (
+        "timm VisionTransformer with qk-norm, scale-norm, gated attention or MLPs, attention pooling "
+        "(MLP hidden, head dims or heads; embedding width kept)"
+    )
+    model_type = VisionTransformer
+    blocks = (*MLPS, *ATTENTION)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer) and whole_model_issue(model) is not None
