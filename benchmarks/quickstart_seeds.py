@@ -1,7 +1,7 @@
 """The quickstart recipe over several seeds: validation top-1 before pruning and at the end, and the time it takes.
 
 Run: ``python benchmarks/quickstart_seeds.py [--config configs/quickstart.yaml] [--seeds 0 1 2] [--train-only]
-[--set --trainer.max_epochs=30 ...]``.
+[-- --trainer.max_epochs=30 ...]`` (flags after ``--`` go to every ``train.py`` run).
 
 Each seed is one ``python train.py fit`` as a user runs it (the recipe's own callbacks, logger, data), with
 ``OMP_NUM_THREADS`` left to the machine; a small callback records ``val/top1`` after every epoch. ``--train-only``
@@ -59,10 +59,11 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-only", action="store_true", help="drop the fit-end callbacks")
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="FLAG", help="extra train.py flags, e.g. --trainer.max_epochs=30"
-    )
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # train.py flags start with "--" themselves
+    parser.epilog = "Flags after a lone -- go to every train.py run, e.g. -- --trainer.max_epochs=30"
+    args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.set = extra
     recipe = yaml.safe_load(Path(args.config).read_text())
     if args.train_only:
         recipe["trainer"]["callbacks"] = [
