@@ -222,11 +222,19 @@ class QuantizationAwareTraining(Callback):
         recipe = checkpoint.get(QAT_KEY)
         if recipe is None or self.active:
             return
-        if recipe.get("target") != str(self.target) or tuple(recipe.get("float_layers", ())) != self._layers:
-            raise ValueError(
-                f"The checkpoint was trained through fake quantization for {recipe.get('target')} with float layers "
-                f"{recipe.get('float_layers')}; this QuantizationAwareTraining has {self.target} and "
-                f"{list(self._layers)}. Accepted: resume with the settings of the original run."
+        if recipe.get("target") != str(self.target):
+            raise invalid(
+                "target",
+                str(self.target),
+                f"{recipe.get('target')!r}, the target the checkpoint was "
+                "trained through fake quantization for (resume with the settings of the original run)",
+            )
+        if tuple(recipe.get("float_layers", ())) != self._layers:
+            raise invalid(
+                "float_layers",
+                list(self._layers),
+                f"{recipe.get('float_layers')!r}, the float layers "
+                "the checkpoint was trained with (resume with the settings of the original run)",
             )
         self._prepare(pl_module, recipe["example_shape"], int(recipe.get("group_size", self.group_size)))
 

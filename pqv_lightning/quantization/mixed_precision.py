@@ -24,12 +24,12 @@ from pqv_lightning.quantization.sensitivity import (
     logit_metrics,
 )
 from pqv_lightning.quantization.targets import QuantizationTarget
-from pqv_lightning.utils.checks import check_choice, check_int, check_number, invalid
+from pqv_lightning.utils.checks import InvalidArgumentError, check_choice, check_int, check_number, invalid
 
 __all__ = ["BudgetNotMetError", "MixedPrecision", "MixedPrecisionPlan", "plan_float_layers"]
 
 
-class BudgetNotMetError(ValueError):
+class BudgetNotMetError(InvalidArgumentError):
     """A float budget that no allowed set of float layers meets (the message says what the best one reached)."""
 
 
@@ -166,10 +166,13 @@ def plan_float_layers(
             return plan
     best = min(plan.steps, key=lambda s: s["drop"])
     cap = f"max_float_layers={spec.max_float_layers}" if spec.max_float_layers is not None else "all but one unit"
+    more = "" if spec.max_float_layers is None else " (or allow more float layers)"
     raise BudgetNotMetError(
-        f"max_drop={spec.max_drop} is invalid for {target}; accepted: a drop this model can reach with {cap} in "
-        f"float: the best was {best['drop']:.2f} points with {len(best['units'])} {spec.granularity}(s) in float "
-        f"({', '.join(best['units']) or 'none'}); raise max_drop to >= {best['drop']:.2f}"
-        + ("" if spec.max_float_layers is None else " or allow more float layers")
-        + "."
+        invalid(
+            "max_drop",
+            spec.max_drop,
+            f"a drop {target} can reach on this model with {cap} in float: the best was {best['drop']:.2f} points "
+            f"with {len(best['units'])} {spec.granularity}(s) in float ({', '.join(best['units']) or 'none'}); "
+            f"use max_drop >= {best['drop']:.2f}{more}",
+        ).args[0]
     )
