@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -178,7 +179,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     cpu = cpu_info()
-    print(f"CPU: {cpu.describe()} | torch threads {args.threads} | torch {torch.__version__}", flush=True)
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in cpu.flags]
+    print(f"CPU: {cpu.describe()}, ISA {' '.join(isa) or 'no AVX2'} | torch threads {args.threads} | "
+          f"torch {torch.__version__}", flush=True)  # fmt: skip
+    print("command: python " + " ".join(sys.argv), flush=True)
     run(args)
 
 
