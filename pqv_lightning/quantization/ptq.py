@@ -20,7 +20,10 @@ Static PT2E for XNNPACK quantizes the layers (linear, convolution) and nothing e
 config also puts every ``add``/``mul`` on an int8 grid, and in a ViT that includes the layer-norm arithmetic
 (``var + eps``, whose per-tensor scale rounds the variance of quiet tokens to 0, so ``rsqrt`` returns inf or a
 huge factor) and the residual stream (ViT residual activations have a few channels far larger than the rest).
-On a 25%-pruned deit_small that cost the static INT8 ``.pte`` its verification (top-1 agreement 0.891).
+On a 25%-pruned deit_small that cost the static INT8 ``.pte`` its verification (top-1 agreement 0.891): its
+class token is a quiet token (block-0 variance 3.4e-4 against 0.34 for patch tokens, random weights). Measured
+on that network (64 random images, ridge-fitted head): global config 0.953 eager; layers only 1.000 eager and
+1.000 for its ``.pte``, fully delegated. ``tests/test_quantization_engine.py`` reproduces it on a 2-block ViT.
 
 Everything runs on CPU; the input model is deep-copied and never mutated.
 """
