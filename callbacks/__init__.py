@@ -10,6 +10,7 @@ from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.export import MobileExport
 from pqv_lightning.callbacks.fit_end import FitEndCallback
 from pqv_lightning.callbacks.pruning import StructuredPruning
+from pqv_lightning.callbacks.qat import QuantizationAwareTraining
 from pqv_lightning.callbacks.quantization import Quantization
 from pqv_lightning.callbacks.report import TradeoffReport
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
@@ -21,6 +22,7 @@ __all__ = [
     "LastCheckpoint",
     "MobileExport",
     "Quantization",
+    "QuantizationAwareTraining",
     "ShapeChangingCallback",
     "SparsityGates",
     "StructuredPruning",

@@ -31,7 +31,9 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
     The output folder and the formats are checked in ``setup``, before training.
 
     TorchScript and lite take the float model and the torch.ao / fp16 variants; ExecuTorch and ONNX quantize the
-    float model themselves to ``executorch_precisions`` / ``onnx_precisions``.
+    float model themselves to ``executorch_precisions`` / ``onnx_precisions``, keeping ``float_layers`` (or the
+    float layers the matching :class:`Quantization` target chose) in float. A :class:`QuantizationAwareTraining`
+    variant gets its own ``.pte``, verified against the variant.
 
     ``output_dir`` defaults to ``<trainer.log_dir>/artifacts``.
     """
@@ -50,10 +52,11 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
         prefix: str = "model_",
         on_failure: str = "raise",
         weights: str | None = None,
+        float_layers: Sequence[str] = (),
     ) -> None:
         config = ExportConfig(
             formats, output_dir, executorch_precisions, onnx_precisions, val_batches, batch_size,
-            calibration_batches, calibration_split, prefix,
+            calibration_batches, calibration_split, prefix, tuple(float_layers),
         )  # fmt: skip
         super().__init__(config, model_attribute, on_failure, weights)
 

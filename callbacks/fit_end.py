@@ -34,6 +34,7 @@ from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, read_checkpoint
 from pqv_lightning.pipeline import ExportConfig, PipelineResult, QuantizationConfig, ReportConfig, run_pipeline
+from pqv_lightning.quantization import QuantizedModel
 from pqv_lightning.safe_loading import load_weights_only
 from pqv_lightning.utils.checks import check_choice, check_identifier
 
@@ -82,6 +83,8 @@ class FitEndRun:
                 configs[name] = replace(configs[name], output_dir=folder)
         self.configs = configs
         self.dense_model: nn.Module | None = None
+        #: published by a QuantizationAwareTraining callback at train end: (float model, QAT variants, what)
+        self.trained: tuple[nn.Module, list[QuantizedModel], str] | None = None
         self.result: PipelineResult | None = None
         #: stage -> why it produced nothing (the same on every rank once the chain ran)
         self.shortfalls: dict[str, str] = {}
@@ -105,6 +108,16 @@ class FitEndRun:
     def leave(cls, trainer: pl.Trainer) -> None:
         cls._by_trainer.pop(trainer, None)
 
+    @classmethod
+    def existing(cls, trainer: pl.Trainer) -> FitEndRun | None:
+        """The run of ``trainer``'s fit if a fit-end callback created one, else ``None`` (creates nothing)."""
+        return cls._by_trainer.get(trainer)
+
+    def publish_trained(self, float_model: nn.Module, variants: list[QuantizedModel], description: str) -> None:
+        """Hand the chain the result of quantization-aware training (before fit end): the chain then ships the float
+        model with the QAT-trained weights and evaluates, exports and measures the converted ``variants`` too."""
+        self.trained = (float_model, list(variants), description)
+
     def _keep_dense(self, dense: nn.Module) -> None:
         self.dense_model = copy.deepcopy(dense).cpu().float().eval().requires_grad_(False)
 
@@ -117,7 +130,13 @@ class FitEndRun:
         try:
             if trainer.is_global_zero:
                 model = timm_model_of(pl_module, self.model_attribute, "The fit-end callbacks")
-                shipped, weights = self._weights_to_ship(trainer, model)
+                trained: list[QuantizedModel] = []
+                context = _report_context(trainer)
+                if self.trained is not None:  # the module holds the fake-quantized model: ship what it trained
+                    model, trained, context["quantization_aware_training"] = self.trained
+                    shipped, weights = model, {"weights": "last", "why": "weights trained through fake quantization"}
+                else:
+                    shipped, weights = self._weights_to_ship(trainer, model)
                 self.result = run_pipeline(
                     shipped,
                     data_loader(trainer, "val"),
@@ -133,7 +152,8 @@ class FitEndRun:
                         "epoch": trainer.current_epoch,
                         "weights": weights,
                     },
-                    report_context={**_report_context(trainer), "weights": _weights_line(weights)},
+                    report_context={**context, "weights": _weights_line(weights)},
+                    trained=trained,
                 )
                 shortfalls = self.result.shortfalls(list(self.configs))
         finally:
@@ -284,7 +304,10 @@ class FitEndCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+        model = timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+        check_model = getattr(self.config, "check_model", None)
+        if check_model is not None:  # e.g. float layers that match nothing: refused before training
+            check_model(model)
         load_weights_only(trainer)
         warn_if_last_checkpoint_lags(trainer)
         if stage != "fit":

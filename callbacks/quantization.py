@@ -11,6 +11,7 @@ from typing_extensions import override
 from pqv_lightning.callbacks.fit_end import FitEndCallback
 from pqv_lightning.pipeline import PipelineResult, QuantizationConfig
 from pqv_lightning.quantization import QuantizationResult, QuantizedModel, results_table
+from pqv_lightning.report import plot_sensitivity, sensitivity_table
 
 __all__ = ["Quantization"]
 
@@ -25,6 +26,11 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
     table, and a TensorBoard text table. The variants go on to :class:`MobileExport` and :class:`TradeoffReport`:
     the three run as one chain (quantize, export, report) whatever their order in ``Trainer(callbacks=...)``.
 
+    Mixed precision: ``float_layers`` keeps layers in float, ``max_float_layers`` / ``max_drop`` choose them by
+    budget from a per-layer sensitivity analysis (checked against the model in ``setup``); ``sensitivity``
+    measures and reports the analysis for more targets (console, TensorBoard text and figure, the report). A
+    :class:`QuantizationAwareTraining` variant is evaluated here beside the post-training ones.
+
     Works on any LightningModule that exposes its timm model as ``model`` (or ``model_attribute``).
     """
 
@@ -37,8 +43,16 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         model_attribute: str = "model",
         on_failure: str = "raise",
         weights: str | None = None,
+        float_layers: Sequence[str] = (),
+        max_float_layers: int | None = None,
+        max_drop: float | None = None,
+        sensitivity: Sequence[str] = (),
+        granularity: str = "layer",
     ) -> None:
-        config = QuantizationConfig(tuple(targets), calibration_batches, calibration_split, eval_batches)
+        config = QuantizationConfig(
+            tuple(targets), calibration_batches, calibration_split, eval_batches, tuple(float_layers),
+            max_float_layers, max_drop, tuple(sensitivity), granularity,
+        )  # fmt: skip
         super().__init__(config, model_attribute, on_failure, weights)
 
     @property
@@ -74,8 +88,19 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         metrics = {f"quantization/float/{key}": float(value) for key, value in result.float_metrics.items()}
         for r in result.quantization:
             metrics.update({f"quantization/{r.name}/{key}": value for key, value in r.metrics().items()})
+        for r in result.quantization:
+            if r.quantized is not None:
+                metrics[f"quantization/{r.name}/float_layers"] = float(len(r.float_layers))
+        tables = {f"quantization/sensitivity/{a.target.name}_{a.granularity}": a for a in result.sensitivity}
+        for analysis in tables.values():
+            rank_zero_info(f"Quantization: {sensitivity_table(analysis)}")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("quantization/results", table, global_step=trainer.global_step)
+                for tag, analysis in tables.items():
+                    experiment.add_text(tag, sensitivity_table(analysis), global_step=trainer.global_step)
+            if hasattr(experiment, "add_figure"):
+                for tag, analysis in tables.items():
+                    experiment.add_figure(tag, plot_sensitivity(analysis), global_step=trainer.global_step)

@@ -37,11 +37,18 @@ from pqv_lightning.export import (
 )
 from pqv_lightning.measure import operator_profile
 from pqv_lightning.quantization import (
+    GRANULARITIES,
+    LogitReference,
+    MixedPrecision,
     QuantizationResult,
     QuantizationTarget,
+    QuantizedModel,
+    SensitivityAnalysis,
+    analyze_sensitivity,
     evaluate,
     parse_targets,
     quantize_and_evaluate,
+    resolve_float_layers,
     top1_agreement,
 )
 from pqv_lightning.report import EagerVariant, TradeoffPoint, measure_tradeoffs, write_report
@@ -58,6 +65,7 @@ __all__ = [
     "QuantizationConfig",
     "ReportConfig",
     "artifacts_table",
+    "export_float_layers",
     "export_stage",
     "run_pipeline",
 ]
@@ -85,22 +93,59 @@ class QuantizationConfig:
             (``int8_static``, ``int8_pt2e``).
         calibration_split: ``"train"`` or ``"val"``.
         eval_batches: validation batches to evaluate on (``None``: all).
+        float_layers: layers kept in float by every target but ``fp16`` (mixed precision): names or ``fnmatch``
+            globs of layers or blocks, e.g. ``["head", "blocks.*.mlp.fc2"]``; each must match a layer.
+        max_float_layers: a float budget: at most this many layers (blocks with ``granularity="block"``) chosen
+            in float, most sensitive first (alone: exactly this many).
+        max_drop: a float budget: the fewest units in float, most sensitive first, that keep the top-1 drop against
+            the float model at or below this many points on the evaluation data.
+        sensitivity: targets whose per-layer sensitivity is measured and reported (the budgeted targets' always
+            are).
+        granularity: ``"layer"`` or ``"block"``: the unit of the sensitivity analysis and of the budget.
     """
 
     targets: tuple[QuantizationTarget, ...] = ("int8_dynamic:x86",)
     calibration_batches: int = 8
     calibration_split: str = "train"
     eval_batches: int | None = None
+    float_layers: tuple[str, ...] = ()
+    max_float_layers: int | None = None
+    max_drop: float | None = None
+    sensitivity: tuple[QuantizationTarget, ...] = ()
+    granularity: str = "layer"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(parse_targets(self.targets, self.calibration_batches)))
         check_choice("calibration_split", self.calibration_split, CALIBRATION_SPLITS)
         check_int("eval_batches", self.eval_batches, 1, allow_none=True)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        mixed = MixedPrecision(tuple(self.float_layers), self.max_float_layers, self.max_drop, self.granularity)
+        object.__setattr__(self, "float_layers", mixed.float_layers)
+        if mixed.active and all(t.method == "fp16" for t in self.targets):
+            raise invalid("targets", [str(t) for t in self.targets], "a target that quantizes layers, with float "
+                          "layers or a float budget (fp16 casts the whole model)")  # fmt: skip
+        sensitivity = () if not self.sensitivity else parse_targets(self.sensitivity, self.calibration_batches)
+        for i, target in enumerate(sensitivity):
+            if target.method == "fp16":
+                raise invalid(f"sensitivity[{i}]", str(target), "a target that quantizes layers (not fp16)")
+        object.__setattr__(self, "sensitivity", tuple(sensitivity))
 
     @property
     def calibrates(self) -> bool:
         """Whether some target calibrates on data (and ``calibration_batches`` gives it some)."""
-        return bool(self.calibration_batches) and any(t.calibrated for t in self.targets)
+        return bool(self.calibration_batches) and any(t.calibrated for t in (*self.targets, *self.sensitivity))
+
+    @property
+    def mixed_precision(self) -> MixedPrecision:
+        return MixedPrecision(self.float_layers, self.max_float_layers, self.max_drop, self.granularity)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise before any work when a float layer matches nothing in ``model`` or the budget cannot fit it."""
+        mixed = self.mixed_precision
+        if mixed.active:
+            for target in self.targets:
+                if target.method != "fp16":
+                    mixed.check_model(model, target.method)
 
 
 @dataclass(frozen=True)
@@ -117,6 +162,10 @@ class ExportConfig:
         calibration_batches: batches of ``calibration_split`` for the calibrated precisions.
         calibration_split: ``"train"`` or ``"val"``.
         prefix: file name prefix (``<prefix><variant>.<ext>``).
+        float_layers: layers the quantized ExecuTorch and ONNX files keep in float (names or globs of layers or
+            blocks). Empty: those of the matching ``Quantization`` target when there is one (``int8_pt2e:xnnpack``
+            for executorch int8, ``int4_weight`` for int4, ``int8_dynamic`` for onnx int8, ``int8_static`` for
+            onnx int8_qdq), else none.
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -128,8 +177,10 @@ class ExportConfig:
     calibration_batches: int = 8
     calibration_split: str = "train"
     prefix: str = "model_"
+    float_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "float_layers", MixedPrecision(tuple(self.float_layers)).float_layers)
         object.__setattr__(self, "formats", validate_formats(self.formats))
         et = validate_precisions(self.executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
         object.__setattr__(self, "executorch_precisions", et)
@@ -157,6 +208,10 @@ class ExportConfig:
             "onnx_precisions": self.onnx_precisions,
             "prefix": self.prefix,
         }
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise before any work when a float layer matches nothing in ``model``."""
+        resolve_float_layers(model, self.float_layers, "int8_pt2e")
 
     @property
     def needs_calibration(self) -> bool:
@@ -227,6 +282,7 @@ class PipelineResult:
     float_metrics: dict[str, float] = field(default_factory=dict)
     quantization: list[QuantizationResult] = field(default_factory=list)
     quantization_error: str | None = None
+    sensitivity: list[SensitivityAnalysis] = field(default_factory=list)
     export: ExportOutcome = field(default_factory=ExportOutcome)
     points: list[TradeoffPoint] = field(default_factory=list)
     report_files: dict[str, Path] = field(default_factory=dict)
@@ -293,6 +349,7 @@ def export_stage(
     example = val_batches[0][0][:batch_size]
     if example.shape[0] < batch_size:
         example = torch.cat([example, example[-1:].expand(batch_size - example.shape[0], *example.shape[1:])])
+    float_layers = export_float_layers(config, quantized)
     meta = dict(meta or {})
     meta.update(
         formats=list(config.formats),
@@ -300,9 +357,10 @@ def export_stage(
         onnx_precisions=list(config.onnx_precisions),
         batch_size=batch_size,
         verified_on_images=sum(int(labels.shape[0]) for _, labels in val_batches),
-        quantized_variants=[q.target.name for q in variants],
+        quantized_variants=[q.name for q in variants],
         parameters=sum(p.numel() for p in float_model.parameters()),
         pruned=current_structure(model) is not None,
+        float_layers={key: list(layers) for key, layers in float_layers.items() if layers},
     )
     outcome = ExportOutcome(manifest=manifest)
     unwritten: list[str] = []
@@ -318,7 +376,8 @@ def export_stage(
     try:
         outcome.records = export_artifacts(
             float_model, out, config.formats, example.contiguous(), val_batches, quantized=variants,
-            calibration=calibration, on_record=record_progress, **config.artifact_options(),
+            calibration=calibration, on_record=record_progress, float_layers=float_layers,
+            **config.artifact_options(),
         )  # fmt: skip
     except Exception as err:  # the fit is over: report the failure, never lose the trained model to it
         outcome.error = error_summary(err)
@@ -333,10 +392,40 @@ def export_stage(
     return outcome
 
 
+#: The Quantization target whose float layers each quantized file keeps, when ExportConfig names none.
+_FILE_TARGETS = {
+    "executorch-int8": "int8_pt2e:xnnpack",
+    "executorch-int8_dynamic": "int8_pt2e:xnnpack",
+    "executorch-int4": "int4_weight",
+    "onnx-int8": "int8_dynamic",
+    "onnx-int8_qdq": "int8_static",
+}
+
+
+def export_float_layers(config: ExportConfig, results: Sequence[QuantizationResult]) -> dict[str, tuple[str, ...]]:
+    """The float layers of each quantized file: the export config's own, else those of the matching quantization
+    target (e.g. chosen by a float budget), so that the files ship the precision the variant was measured at."""
+    if config.float_layers:
+        return dict.fromkeys(_FILE_TARGETS, config.float_layers)
+    chosen: dict[str, tuple[str, ...]] = {}
+    for key, spec in _FILE_TARGETS.items():
+        match = next(
+            (r for r in results if r.origin == "ptq" and r.quantized is not None and
+             (str(r.target) == spec or r.target.method == spec)), None,
+        )  # fmt: skip
+        chosen[key] = tuple(match.float_layers) if match is not None else ()
+    return chosen
+
+
 def _quantization_meta(float_metrics: dict[str, float], results: Sequence[QuantizationResult]) -> dict[str, Any]:
     variants = {}
     for r in results:
-        variants[r.name] = {"target": str(r.target), **r.metrics()} if r.error is None else {"error": r.error}
+        if r.error is not None:
+            variants[r.name] = {"error": r.error}
+            continue
+        variants[r.name] = {"target": str(r.target), "origin": r.origin, "float_layers": r.float_layers, **r.metrics()}
+        if r.plan is not None and r.plan.steps:
+            variants[r.name]["float_budget"] = r.plan.as_dict()
     return {"float": dict(float_metrics), "variants": variants}
 
 
@@ -364,6 +453,7 @@ def run_pipeline(
     dense_model: nn.Module | None = None,
     manifest_meta: dict[str, Any] | None = None,
     report_context: dict[str, Any] | None = None,
+    trained: Sequence[QuantizedModel] = (),
 ) -> PipelineResult:
     """Run quantize -> export -> measure/report (the stages given a config) on ``model``; never modifies it.
 
@@ -372,6 +462,8 @@ def run_pipeline(
     the run recorded in the manifest (with the quantization results added); ``report_context`` feeds the
     report's title and notes (``epoch``, ``global_step``, ``pruning``, ``distillation``, ``weights``, ``note``).
     Each stage reads its own validation and calibration batches, in the order quantization, export, report.
+    ``trained`` variants (converted from quantization-aware training) are evaluated beside the targets (also
+    without a quantization config), exported where their format takes them, and measured.
     """
     for name, config in (("export", export), ("report", report)):
         if config is not None and config.output_dir is None:
@@ -379,16 +471,9 @@ def run_pipeline(
     context = dict(report_context or {})
     data = _Data(val_loader, train_loader)
     result = PipelineResult()
-    if quantization is not None:
+    if quantization is not None or trained:
         try:
-            val = data.batches("val", quantization.eval_batches, "validation")
-            calibration = None
-            if quantization.calibrates:
-                split = quantization.calibration_split
-                calibration = data.batches(split, quantization.calibration_batches, split)
-            result.float_metrics, result.quantization = quantize_and_evaluate(
-                model, quantization.targets, val, calibration
-            )
+            _quantization_stage(result, model, data, quantization, trained)
         except Exception as err:  # the export and report still run, without the quantized variants
             result.quantization_error = error_summary(err)
     if export is not None:
@@ -415,6 +500,33 @@ def run_pipeline(
     return result
 
 
+def _quantization_stage(
+    result: PipelineResult,
+    model: nn.Module,
+    data: _Data,
+    config: QuantizationConfig | None,
+    trained: Sequence[QuantizedModel],
+) -> None:
+    """The variants (float layers chosen first), the QAT variants, and the sensitivity analyses asked for."""
+    val = data.batches("val", config.eval_batches if config is not None else None, "validation")
+    calibration = None
+    if config is not None and config.calibrates:
+        split = config.calibration_split
+        calibration = data.batches(split, config.calibration_batches, split)
+    targets = config.targets if config is not None else ()
+    mixed = config.mixed_precision if config is not None else None
+    result.float_metrics, result.quantization = quantize_and_evaluate(model, targets, val, calibration, mixed, trained)
+    result.sensitivity = [r.plan.sensitivity for r in result.quantization if r.plan and r.plan.sensitivity]
+    done = {(str(a.target), a.granularity) for a in result.sensitivity}
+    wanted = [t for t in (config.sensitivity if config is not None else ()) if (str(t), config.granularity) not in done]
+    reference = LogitReference.of(model, val) if wanted else None
+    for target in wanted:
+        try:
+            result.sensitivity.append(analyze_sensitivity(model, target, reference, calibration, config.granularity))
+        except Exception as err:  # a view of the variants: never lose them to it
+            result.warnings.append(f"sensitivity of {target} failed: {error_summary(err)}")
+
+
 def _report_stage(
     result: PipelineResult,
     model: nn.Module,
@@ -428,7 +540,7 @@ def _report_stage(
     network = "pruned" if current_structure(model) is not None else "float"
     quantized = [
         EagerVariant(
-            f"{r.target.name} eager",
+            f"{r.name} eager",
             network,
             r.target.method,
             r.quantized.module,
@@ -488,10 +600,13 @@ def _report_stage(
         "val_images": sum(int(labels.shape[0]) for _, labels in val),
         "global_step": context.get("global_step"),
     }
-    report_meta.update({k: context[k] for k in ("pruning", "distillation", "weights", "note") if context.get(k)})
+    keys = ("pruning", "distillation", "quantization_aware_training", "weights", "note")
+    report_meta.update({k: context[k] for k in keys if context.get(k)})
     if result.profile_error:
         report_meta["operator_profile_error"] = result.profile_error
-    result.report_files = write_report(result.points, config.output_dir, report_meta, profile, profile_of)
+    result.report_files = write_report(
+        result.points, config.output_dir, report_meta, profile, profile_of, sensitivity=result.sensitivity
+    )
 
 
 def _profile(

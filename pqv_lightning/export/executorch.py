@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from pqv_lightning.export.writer import ArtifactWriter
+    from pqv_lightning.quantization import QuantizedModel
 
 __all__ = [
     "PteProgram",
@@ -47,6 +48,7 @@ __all__ = [
     "runtime_logs_at_debug",
     "set_threadpool",
     "write_executorch",
+    "write_executorch_variant",
 ]
 
 _NON_COMPUTE = {"getitem", "executorch_call_delegate"}
@@ -106,18 +108,45 @@ def _count_lowered(graph_module: torch.fx.GraphModule) -> tuple[int, int, dict[s
     return delegated, delegates, dict(sorted(outside.items()))
 
 
-def _quantize(model: nn.Module, precision: str, example: Tensor, calibration: Iterable[Tensor] | None):
+def _quantize(
+    model: nn.Module,
+    precision: str,
+    example: Tensor,
+    calibration: Iterable[Tensor] | None,
+    float_layers: Sequence[str] = (),
+):
     from pqv_lightning.quantization import quantize, quantize_pt2e
 
+    keep = {"float_layers": tuple(float_layers)}
     if precision == "int8":
-        return quantize_pt2e(model, "xnnpack", example, calibration)
+        return quantize_pt2e(model, "xnnpack", example, calibration, **keep)
     if precision == "int8_dynamic":
-        return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True)
-    if all(m.in_features % _INT4_GROUP == 0 for m in model.modules() if isinstance(m, nn.Linear)):
-        return quantize(model, "int4_weight:xnnpack", example).module
+        return quantize_pt2e(model, "xnnpack", example, None, dynamic_activations=True, **keep)
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in float_layers]
+    if all(m.in_features % _INT4_GROUP == 0 for m in linears):
+        return quantize(model, "int4_weight:xnnpack", example, **keep).module
     # XNNPACK takes 4-bit weights in groups of 32 or per output channel. Pruned widths (e.g. 144) leave no
     # group of 32, and torchao's per-channel form does not lower: PT2E's 4-bit per-channel config does.
-    return quantize_pt2e(model, "xnnpack", example, None, weight_bits=4)
+    return quantize_pt2e(model, "xnnpack", example, None, weight_bits=4, **keep)
+
+
+def _lowerable_qat(variant: QuantizedModel) -> tuple[nn.Module, str, bool]:
+    """What the ``.pte`` of a QAT variant lowers: (module, precision, quantized already). A converted PT2E graph
+    and a torchao INT4 model in groups of 32 are lowered as they are; torchao's per-channel INT4 form does not
+    lower, so its trained float weights are quantized to PT2E 4-bit per channel (the same weights grid)."""
+    precision = variant.target.precision
+    if variant.target.method == "int8_pt2e" or _int4_in_groups(variant.module):
+        return variant.module, precision, True
+    if variant.source is None:
+        raise ValueError(f"{variant.name}: per-channel INT4 needs the trained float weights (QuantizedModel.source)")
+    return variant.source, precision, False
+
+
+def _int4_in_groups(module: nn.Module) -> bool:
+    """Whether every INT4 weight of a torchao model is in groups of 32 (the form XNNPACK lowers)."""
+    blocks = [getattr(m.weight, "block_size", None) for m in module.modules() if isinstance(m, nn.Linear)]
+    blocks = [b for b in blocks if b is not None]
+    return bool(blocks) and all(int(b[-1]) == _INT4_GROUP for b in blocks)
 
 
 def export_pte(
@@ -126,6 +155,8 @@ def export_pte(
     precision: str = "fp32",
     calibration: Iterable[Tensor] | None = None,
     prepare: bool = True,
+    float_layers: Sequence[str] = (),
+    quantized: bool = False,
 ) -> PteResult:
     """Export ``model`` to an ExecuTorch program lowered to XNNPACK.
 
@@ -135,14 +166,22 @@ def export_pte(
     dynamic activations, on ``nn.Linear`` layers). ``prepare=False`` lowers the model as it comes (for
     comparison); otherwise :func:`~pqv_lightning.export.prepare_for_xnnpack` and the static-reshape rewrite
     are applied (see :mod:`pqv_lightning.export.xnnpack_rewrites` for why).
+
+    ``float_layers`` (names or globs of layers or blocks) stay in float: the delegate runs them in fp32.
+    ``quantized=True`` lowers a model that is quantized already (a converted PT2E graph or a torchao INT4 model,
+    e.g. from quantization-aware training) as it is; ``precision`` then only labels it.
     """
     check_choice("precision", precision, EXECUTORCH_PRECISIONS)
     if not isinstance(model, nn.Module):
         raise invalid("model", described(model), "a torch.nn.Module")
     check_tensor("example_input", example_input)
     check_bool("prepare", prepare)
-    if precision == "int8" and calibration is None:
+    check_bool("quantized", quantized)
+    if precision == "int8" and calibration is None and not quantized:
         raise invalid("calibration", calibration, "calibration batches: precision 'int8' (static) needs them")
+    if float_layers and (precision == "fp32" or quantized):
+        reason = "quantized already" if quantized else "precision 'fp32'"
+        raise invalid("float_layers", list(float_layers), f"none for a model this call does not quantize ({reason})")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.utils.configs import (
         get_transform_passes,
@@ -153,10 +192,14 @@ def export_pte(
 
     from pqv_lightning.export.xnnpack_rewrites import StaticReshapePass, prepare_for_xnnpack
 
-    work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
+    if quantized and isinstance(model, torch.fx.GraphModule):
+        work = copy.deepcopy(model)  # a converted graph: nothing left to rewrite
+        work.eval()  # its dropout nodes in eval form (an exported graph's eval() returns None)
+    else:
+        work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
     with torch.no_grad():
-        if precision != "fp32":
-            work = _quantize(work, precision, example_input, calibration)
+        if precision != "fp32" and not quantized:
+            work = _quantize(work, precision, example_input, calibration, float_layers)
         exported = torch.export.export(work, (example_input,), strict=False)
     passes = get_transform_passes([StaticReshapePass()]) if prepare else None
     edge = to_edge_transform_and_lower(
@@ -178,19 +221,49 @@ def export_pte(
 
 
 def write_executorch(
-    writer: ArtifactWriter, model: nn.Module, precisions: tuple[str, ...], calibration: Sequence[Tensor] | None
+    writer: ArtifactWriter,
+    model: nn.Module,
+    precisions: tuple[str, ...],
+    calibration: Sequence[Tensor] | None,
+    float_layers: dict[str, Sequence[str]] | None = None,
 ) -> None:
-    """Write and verify one ``.pte`` per precision (``int8_dynamic`` is recorded as precision ``int8``)."""
+    """Write and verify one ``.pte`` per precision (``int8_dynamic`` is recorded as precision ``int8``);
+    ``float_layers[precision]`` stay in float (recorded in the file's ``extra["float_layers"]``)."""
     for precision in precisions:
+        keep = tuple((float_layers or {}).get(precision, ()))
 
-        def build(path: Path, extra: dict, precision: str = precision) -> None:
-            result = export_pte(model, writer.example_input, precision=precision, calibration=calibration)
-            extra["delegated_nodes"] = int(result.delegated_nodes)
-            extra["outside_ops"] = dict(result.outside_ops)
-            atomic_write_bytes(path, bytes(result.buffer))
+        def build(path: Path, extra: dict, precision: str = precision, keep: tuple[str, ...] = keep) -> None:
+            result = export_pte(
+                model, writer.example_input, precision=precision, calibration=calibration, float_layers=keep
+            )
+            _record(extra, result, path)
+            if precision != "fp32":
+                extra["float_layers"] = list(keep)
 
         label = "int8" if precision == "int8_dynamic" else precision
         writer.produce(f"executorch-{precision}", "executorch", label, "xnnpack", f"{precision}.pte", build, _verifier)
+
+
+def write_executorch_variant(writer: ArtifactWriter, variant: QuantizedModel) -> None:
+    """Write and verify the ``.pte`` of a quantized variant made elsewhere (quantization-aware training): the
+    variant is lowered as it is, and ``writer`` verifies against the variant's own eager module."""
+    module, precision, quantized = _lowerable_qat(variant)
+
+    def build(path: Path, extra: dict) -> None:
+        result = export_pte(module, writer.example_input, precision=precision, quantized=quantized)
+        _record(extra, result, path)
+        extra.update(origin=variant.origin, float_layers=variant.float_layers, reference=f"{variant.name} eager")
+        if not quantized:
+            extra["quantized_as"] = "PT2E 4-bit per-channel weights of the trained float weights (see _lowerable_qat)"
+
+    name = variant.name
+    writer.produce(f"executorch-{name}", "executorch", precision, "xnnpack", f"{name}.pte", build, _verifier)
+
+
+def _record(extra: dict, result: PteResult, path: Path) -> None:
+    extra["delegated_nodes"] = int(result.delegated_nodes)
+    extra["outside_ops"] = dict(result.outside_ops)
+    atomic_write_bytes(path, bytes(result.buffer))
 
 
 def _verifier(path: Path):

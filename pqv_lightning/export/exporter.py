@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from pqv_lightning.export.executorch import write_executorch
+from pqv_lightning.export.executorch import write_executorch, write_executorch_variant
 from pqv_lightning.export.formats import (
     EXECUTORCH_PRECISIONS,
     ONNX_PRECISIONS,
@@ -35,7 +35,10 @@ from pqv_lightning.utils.checks import check_bool, invalid
 if TYPE_CHECKING:
     from pqv_lightning.quantization import QuantizedModel
 
-__all__ = ["check_output_dir", "export_artifacts"]
+__all__ = ["FLOAT_LAYER_FILES", "check_output_dir", "export_artifacts", "qat_lowerable"]
+
+#: The quantized files that can keep layers in float: ``float_layers`` keys (format-precision).
+FLOAT_LAYER_FILES = ("executorch-int8", "executorch-int8_dynamic", "executorch-int4", "onnx-int8", "onnx-int8_qdq")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -58,9 +61,31 @@ def _check_quantized(quantized: Sequence[QuantizedModel]) -> None:
     for i, q in enumerate(quantized):
         if not (hasattr(q, "target") and isinstance(getattr(q, "module", None), nn.Module)):
             raise invalid(f"quantized[{i}]", described(q), "a QuantizedModel")
-        names.append(q.target.name)
+        names.append(q.name)
     if len(set(names)) != len(names):
-        raise invalid("quantized", names, "QuantizedModel objects of distinct targets")
+        raise invalid("quantized", names, "QuantizedModel objects of distinct names (targets)")
+
+
+def qat_lowerable(variant: QuantizedModel) -> bool:
+    """Whether a variant is a QAT model ExecuTorch lowers as it is (INT8 PT2E for XNNPACK, INT4 weights)."""
+    return variant.origin == "qat" and str(variant.target) in ("int8_pt2e:xnnpack", "int4_weight:xnnpack")
+
+
+def _check_float_layers(
+    model: nn.Module, float_layers: Sequence[str] | Mapping[str, Sequence[str]]
+) -> dict[str, tuple[str, ...]]:
+    """``float_layers`` as ``{file: layer names}`` (a plain list applies to every file in FLOAT_LAYER_FILES),
+    each pattern resolved against ``model``."""
+    from pqv_lightning.quantization.layers import resolve_float_layers
+
+    if isinstance(float_layers, str) or not isinstance(float_layers, Mapping):
+        float_layers = dict.fromkeys(FLOAT_LAYER_FILES, tuple(float_layers))
+    resolved = {}
+    for key, patterns in float_layers.items():
+        if key not in FLOAT_LAYER_FILES:
+            raise invalid("float_layers", key, f"a dict keyed by {', '.join(FLOAT_LAYER_FILES)}, or a list of layers")
+        resolved[key] = resolve_float_layers(model, patterns, "int8_pt2e", name=f"float_layers[{key!r}]")
+    return resolved
 
 
 def export_artifacts(
@@ -80,6 +105,7 @@ def export_artifacts(
     onnx_optimize: bool = True,
     prefix: str = "model_",
     on_record: Callable[[list[ArtifactRecord]], None] | None = None,
+    float_layers: Sequence[str] | Mapping[str, Sequence[str]] = (),
 ) -> list[ArtifactRecord]:
     """Export ``model`` (and TorchScript-able ``quantized`` variants) in ``formats`` and verify each file.
 
@@ -119,6 +145,7 @@ def export_artifacts(
         raise invalid("model", described(model), "a torch.nn.Module")
     check_bool("onnx_optimize", onnx_optimize)
     _check_quantized(quantized)
+    keep = _check_float_layers(model, float_layers)
     out = check_output_dir(out_dir)
     thresholds = thresholds or VerifyThresholds()
     example_input = example_input.detach().float().cpu().contiguous()
@@ -128,12 +155,33 @@ def export_artifacts(
     try:
         pieces = reference_pieces(model, val_batches, example_input.shape[0])
         writer = ArtifactWriter(out, example_input, pieces, thresholds, prefix, on_record)
+        trained = [q for q in quantized if q.origin == "qat"]
         if "torchscript" in fmts or "lite" in fmts:
-            write_torchscript(writer, model, fmts, quantized)
+            write_torchscript(writer, model, fmts, [q for q in quantized if q.origin != "qat"])
+        for variant in trained:
+            for fmt in [f for f in ("torchscript", "lite", "onnx") if f in fmts] + (
+                [] if qat_lowerable(variant) or "executorch" not in fmts else ["executorch"]
+            ):
+                writer.record(
+                    f"{fmt}-{variant.name}", fmt, variant.target.precision, variant.target.backend,
+                    status="skipped", reason=f"a quantization-aware-trained {variant.target} model is exported to "
+                    "executorch only (ONNX files are quantized by onnxruntime, TorchScript takes torch.ao models)",
+                )  # fmt: skip
         if "executorch" in fmts:
-            write_executorch(writer, model, et_precisions, calibration)
+            et_keep = {p: keep.get(f"executorch-{p}", ()) for p in et_precisions}
+            write_executorch(writer, model, et_precisions, calibration, et_keep)
+            for variant in filter(qat_lowerable, trained):  # verified against the QAT model's converted form
+                float_pieces = writer.pieces
+                writer.pieces = reference_pieces(variant.module, val_batches, example_input.shape[0])
+                try:
+                    write_executorch_variant(writer, variant)
+                finally:
+                    writer.pieces = float_pieces
         if "onnx" in fmts:
-            write_onnx(writer, model, ox_precisions, calibration, onnx_per_channel, onnx_reduce_range, onnx_optimize)
+            ox_keep = {p: keep.get(f"onnx-{p}", ()) for p in ox_precisions}
+            write_onnx(
+                writer, model, ox_precisions, calibration, onnx_per_channel, onnx_reduce_range, onnx_optimize, ox_keep
+            )
     finally:
         model.train(was_training)
     return writer.records

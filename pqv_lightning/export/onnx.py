@@ -107,6 +107,55 @@ def _export_proto(model: nn.Module, example_input: Tensor, extra: dict):
     return onnx.load_from_string(buf.getvalue())
 
 
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # the module path of a node, recorded by the dynamo exporter
+_LAYER_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def _layer_nodes(proto, float_layers: Sequence[str]) -> dict[str, list[str]]:
+    """The names of the nodes of an exported graph that compute each float layer (its ``MatMul``/``Gemm``/``Conv``),
+    found from the module path the dynamo exporter records per node."""
+    import ast
+
+    found: dict[str, list[str]] = {layer: [] for layer in float_layers}
+    for node in proto.graph.node:
+        if node.op_type not in _LAYER_OPS:
+            continue
+        scopes = next((entry.value for entry in node.metadata_props if entry.key == _NAME_SCOPES), None)
+        if scopes is None:
+            continue
+        try:
+            path = [str(p) for p in ast.literal_eval(scopes)]
+        except (ValueError, SyntaxError):
+            continue
+        for layer in float_layers:
+            if any(p == layer or p.startswith(layer + ".") for p in path):
+                found[layer].append(node.name)
+    return found
+
+
+def _nodes_to_exclude(
+    raw_proto, quantized_input: Path, float_layers: Sequence[str], dynamic: bool
+) -> tuple[list[str], list[str]]:
+    """(names of the nodes of the graph at ``quantized_input`` that compute the float layers, layers not found).
+
+    onnxruntime's pre-processing and fusions rename what they rewrite by appending to the name
+    (``node_MatMul_11/MatMulAddFusion``); a fused ``Attention`` node has no trace of the layers it swallowed.
+    """
+    import onnx
+
+    by_layer = _layer_nodes(raw_proto, float_layers)
+    ops = {n.name: n.op_type for n in onnx.load(str(quantized_input), load_external_data=False).graph.node}
+    excluded: list[str] = []
+    missing: list[str] = []
+    for layer, raw in by_layer.items():
+        hits = [name for name in ops if any(name == r or name.startswith(r + "/") for r in raw)]
+        if not hits:
+            missing.append(layer)
+        for name in hits:  # dynamic quantization first splits a Gemm into <name>_MatMul + <name>_Add
+            excluded += [name, f"{name}_MatMul"] if dynamic and ops[name] == "Gemm" else [name]
+    return list(dict.fromkeys(excluded)), missing
+
+
 class _CalibrationReader:
     """onnxruntime ``CalibrationDataReader`` over calibration images cut to the export batch size."""
 
@@ -147,11 +196,13 @@ class _OnnxBuilder:
         per_channel: bool,
         reduce_range: bool,
         optimize: bool,
+        float_layers: dict[str, Sequence[str]] | None = None,
     ) -> None:
         self.model, self.example_input, self.work_root = model, example_input, work_root
         self.calibration, self.per_channel, self.reduce_range, self.optimize = (
             calibration, per_channel, reduce_range, optimize,
         )  # fmt: skip
+        self.float_layers = {k: tuple(v) for k, v in (float_layers or {}).items()}
         self._plain: tuple[Any, dict] | None = None
         self._prepared: tuple[Any, dict, dict] | None = None
 
@@ -200,29 +251,43 @@ class _OnnxBuilder:
         extra.update(quantization=how, per_channel=self.per_channel, reduce_range=self.reduce_range)
         atomic_write(path, lambda tmp: quantize(str(tmp)))
 
+    def _excluded(self, precision: str, raw_proto, src: Path, extra: dict) -> list[str]:
+        """The nodes of ``src`` that stay float for ``precision`` (raises when a float layer has none there)."""
+        keep = self.float_layers.get(precision, ())
+        if not keep:
+            return []
+        nodes, missing = _nodes_to_exclude(raw_proto, src, keep, dynamic=precision == "int8")
+        if missing:
+            raise ValueError(f"float layers {missing} have no MatMul/Gemm/Conv node in the ONNX graph")
+        extra.update(float_layers=list(keep), float_nodes=nodes)
+        return nodes
+
     def write_int8(self, path: Path, extra: dict) -> None:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with tempfile.TemporaryDirectory(dir=self.work_root, prefix=".onnx-work-") as work:
             src = None
+            excluded: list[str] = []
             if self.optimize:
                 stage: dict = {}
                 try:
                     src = self.optimized(Path(work), stage)
+                    excluded = self._excluded("int8", self._prepared[0], src, stage)
                     extra.update(stage)
                 except Exception as e:  # the plain graph below is still a correct int8 model
-                    reason = error_summary(e, limit=600)
+                    src, reason = None, error_summary(e, limit=600)
                     extra["onnxruntime_optimization_failed"] = reason
                     log.warning("onnx int8: onnxruntime fusion failed (%s); quantizing the plain graph", reason)
             extra["onnxruntime_optimized"] = src is not None
             if src is None:
                 src = self.preprocessed(Path(work), extra)
+                excluded = self._excluded("int8", self._plain[0], src, extra)
             self._write_quantized(
                 path, extra, "dynamic (MatMul/Gemm/Attention weights int8, activations uint8 quantized at run time)",
                 lambda out: quantize_dynamic(
                     str(src), out, weight_type=QuantType.QInt8, per_channel=self.per_channel,
-                    reduce_range=self.reduce_range,
+                    reduce_range=self.reduce_range, nodes_to_exclude=excluded,
                     # float where shape inference left a tensor untyped (the graphs are float models)
                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 ),
@@ -236,6 +301,7 @@ class _OnnxBuilder:
             raise ValueError("onnx precision 'int8_qdq' needs calibration images")
         with tempfile.TemporaryDirectory(dir=self.work_root, prefix=".onnx-work-") as work:
             src = self.preprocessed(Path(work), extra)
+            excluded = self._excluded("int8_qdq", self._plain[0], src, extra)
             input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
             reader = _CalibrationReader(input_name, self.calibration, self.example_input.shape[0])
             self._write_quantized(
@@ -244,7 +310,7 @@ class _OnnxBuilder:
                     str(src), out, reader, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
                     reduce_range=self.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+                    op_types_to_quantize=list(_LAYER_OPS), nodes_to_exclude=excluded,
                 ),
             )  # fmt: skip
 
@@ -257,16 +323,19 @@ def write_onnx(
     per_channel: bool,
     reduce_range: bool,
     optimize: bool = True,
+    float_layers: dict[str, Sequence[str]] | None = None,
 ) -> None:
     """Write and verify the ONNX files of ``precisions`` (``"fp32"``, ``"int8"``, ``"int8_qdq"``).
 
     ``int8`` is onnxruntime dynamic quantization; with ``optimize`` it quantizes the graph of
     :func:`~pqv_lightning.export.prepare_for_onnxruntime` after :func:`fuse_for_onnxruntime`, and falls back to
     the plain exported graph (recording why) if any of that fails. ``int8_qdq`` is static QDQ calibrated on
-    ``calibration``.
+    ``calibration``. ``float_layers[precision]`` (module names) stay float: their nodes go to onnxruntime's
+    ``nodes_to_exclude``. A layer fused into an ``Attention`` node (the QKV projection) cannot be excluded from
+    it, so the plain graph is quantized instead, and the record says why.
     """
     builder = _OnnxBuilder(
-        model, writer.example_input, writer.out_dir, calibration, per_channel, reduce_range, optimize
+        model, writer.example_input, writer.out_dir, calibration, per_channel, reduce_range, optimize, float_layers
     )
     files = {
         "fp32": ("onnx-fp32", "fp32", "fp32.onnx", builder.write_fp32),

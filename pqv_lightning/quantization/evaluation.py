@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pqv_lightning.quantization.mixed_precision import MixedPrecision, MixedPrecisionPlan, plan_float_layers
 from pqv_lightning.quantization.ptq import QuantizedModel, quantize
+from pqv_lightning.quantization.sensitivity import LogitReference
 from pqv_lightning.quantization.targets import QuantizationTarget
 from pqv_lightning.utils.batches import images_of
 from pqv_lightning.utils.errors import error_summary
@@ -67,7 +69,9 @@ class QuantizationResult:
     """One quantized variant and its validation figures (``top1``/``top5`` as fractions, like ``val/top1``).
 
     ``top1_agreement`` is the fraction of validation images on which it predicts the float model's class.
-    ``quantized`` is ``None`` and ``error`` says why when quantizing or evaluating failed.
+    ``quantized`` is ``None`` and ``error`` says why when quantizing or evaluating failed. ``plan`` says how its
+    float layers were chosen (mixed precision), ``origin`` whether it was post-training quantized (``"ptq"``) or
+    converted from quantization-aware training (``"qat"``).
     """
 
     target: QuantizationTarget
@@ -77,10 +81,16 @@ class QuantizationResult:
     top1_agreement: float | None = None
     seconds: float | None = None
     error: str | None = None
+    plan: MixedPrecisionPlan | None = None
+    origin: str = "ptq"
 
     @property
     def name(self) -> str:
-        return self.target.name
+        return f"qat_{self.target.name}" if self.origin == "qat" else self.target.name
+
+    @property
+    def float_layers(self) -> list[str]:
+        return self.quantized.float_layers if self.quantized is not None else []
 
     def metrics(self) -> dict[str, float]:
         values = {"top1": self.top1, "top5": self.top5, "top1_agreement": self.top1_agreement}
@@ -96,53 +106,75 @@ def quantize_and_evaluate(
     targets: Sequence[QuantizationTarget],
     val_batches: Sequence[tuple[Tensor, Tensor]],
     calibration: Sequence[tuple[Tensor, Tensor]] | None,
+    mixed_precision: MixedPrecision | None = None,
+    trained: Sequence[QuantizedModel] = (),
 ) -> tuple[dict[str, float], list[QuantizationResult]]:
     """Quantize a CPU copy of ``model`` for each target; evaluate the float model and every variant.
 
-    Returns the float model's ``{"top1", "top5"}`` (fractions) and one result per target, in order.
-    A target that fails is recorded with its error and the others go on. ``model`` is never modified.
+    With ``mixed_precision``, every target but ``fp16`` keeps its float layers (named, or chosen by the budget on
+    ``val_batches``: see :func:`~pqv_lightning.quantization.plan_float_layers`). ``trained`` variants (converted
+    from quantization-aware training) are evaluated after the targets, beside the same float model.
+    Returns the float model's ``{"top1", "top5"}`` (fractions) and one result per target, then per trained
+    variant, in order. A target that fails is recorded with its error and the others go on. ``model`` is never
+    modified.
     """
     float_model = copy.deepcopy(model).cpu().float().eval()
     float_metrics = _fractions(evaluate(float_model, val_batches))
     example = val_batches[0][0]
+    mixed = mixed_precision if mixed_precision is not None and mixed_precision.active else None
+    reference = LogitReference.of(float_model, val_batches) if mixed is not None and mixed.budgeted else None
     results = []
     for target in targets:
         start = time.perf_counter()
+        plan = None
         try:
-            quantized = quantize(float_model, target, example, calibration)
-            metrics = _fractions(evaluate(quantized.module, val_batches))
-            agreement = top1_agreement(float_model, quantized.module, val_batches)
+            keep: tuple[str, ...] = ()
+            if mixed is not None and target.method != "fp16":
+                plan = plan_float_layers(float_model, target, mixed, reference or val_batches, calibration)
+                keep = plan.float_layers
+            quantized = quantize(float_model, target, example, calibration, float_layers=keep)
+            result = _evaluated(QuantizationResult(target, quantized, plan=plan), float_model, val_batches)
         except Exception as err:  # one bad variant must not lose the others at the end of a long fit
-            results.append(
-                QuantizationResult(target, None, seconds=time.perf_counter() - start, error=error_summary(err))
-            )
-            continue
-        results.append(
-            QuantizationResult(
-                target,
-                quantized,
-                top1=metrics["top1"],
-                top5=metrics["top5"],
-                top1_agreement=agreement,
-                seconds=time.perf_counter() - start,
-            )
-        )
+            result = QuantizationResult(target, None, error=error_summary(err), plan=plan)
+        result.seconds = time.perf_counter() - start
+        results.append(result)
+    for variant in trained:
+        start = time.perf_counter()
+        try:
+            result = _evaluated(QuantizationResult(variant.target, variant, origin=variant.origin), float_model,
+                                val_batches)  # fmt: skip
+        except Exception as err:
+            result = QuantizationResult(variant.target, None, error=error_summary(err), origin=variant.origin)
+        result.seconds = time.perf_counter() - start
+        results.append(result)
     return float_metrics, results
+
+
+def _evaluated(
+    result: QuantizationResult, float_model: nn.Module, val_batches: Sequence[tuple[Tensor, Tensor]]
+) -> QuantizationResult:
+    module = result.quantized.module
+    metrics = _fractions(evaluate(module, val_batches))
+    result.top1, result.top5 = metrics["top1"], metrics["top5"]
+    result.top1_agreement = top1_agreement(float_model, module, val_batches)
+    return result
 
 
 def results_table(float_metrics: dict[str, float], results: Sequence[QuantizationResult]) -> str:
     """A Markdown table of the float model and every variant side by side (console and TensorBoard)."""
     rows = [
-        "| variant | top-1 % | top-5 % | Δ top-1 | agreement | time s |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| float | {100 * float_metrics['top1']:.2f} | {100 * float_metrics['top5']:.2f} | | | |",
+        "| variant | top-1 % | top-5 % | Δ top-1 | agreement | time s | float layers |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| float | {100 * float_metrics['top1']:.2f} | {100 * float_metrics['top5']:.2f} | | | | |",
     ]
     for r in results:
         if r.error is not None:
-            rows.append(f"| {r.name} | failed: {r.error} | | | | |")
+            rows.append(f"| {r.name} | failed: {r.error} | | | | | |")
             continue
+        kept = r.float_layers
+        shown = f"{len(kept)}: {', '.join(kept)}"[:120] if kept else ""
         rows.append(
             f"| {r.name} | {100 * r.top1:.2f} | {100 * r.top5:.2f} | {100 * (r.top1 - float_metrics['top1']):+.2f} "
-            f"| {r.top1_agreement:.4f} | {r.seconds:.1f} |"
+            f"| {r.top1_agreement:.4f} | {r.seconds:.1f} | {shown} |"
         )
     return "\n".join(rows)

@@ -6,7 +6,7 @@ Pareto front, :mod:`~.markdown` and :mod:`~.plots` show them, :mod:`~.writer` wr
 """
 
 # ruff: noqa: F401  (the names below are re-exported: __all__ is assembled from the submodules' own lists)
-from pqv_lightning.report import markdown, plots, tradeoff, writer
+from pqv_lightning.report import markdown, plots, sensitivity, tradeoff, writer
 from pqv_lightning.report.markdown import cpu_description, format_number, markdown_report
 from pqv_lightning.report.plots import (
     PLOTS,
@@ -18,7 +18,8 @@ from pqv_lightning.report.plots import (
     plot_size_vs_accuracy,
     save_figure,
 )
+from pqv_lightning.report.sensitivity import plot_sensitivity, sensitivity_markdown, sensitivity_table
 from pqv_lightning.report.tradeoff import EagerVariant, TradeoffPoint, measure_tradeoffs, pareto_front
 from pqv_lightning.report.writer import REPORT_VERSION, write_report
 
-__all__ = sorted([*markdown.__all__, *plots.__all__, *tradeoff.__all__, *writer.__all__])
+__all__ = sorted([*markdown.__all__, *plots.__all__, *sensitivity.__all__, *tradeoff.__all__, *writer.__all__])

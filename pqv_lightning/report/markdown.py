@@ -30,9 +30,10 @@ def markdown_report(
     profile: Sequence[OpTime] | None = None,
     profile_of: str | None = None,
     plots: dict[str, str] | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
     """The report as Markdown: context, one table row per variant (Pareto choices in bold), the operator
-    profile and the plots."""
+    profile, further ``sections`` (Markdown, e.g. the quantization sensitivity) and the plots."""
     threads = meta.get("threads")
     lines = [
         f"# Trade-off report: {meta.get('title', 'model variants')}",
@@ -47,9 +48,9 @@ def markdown_report(
         "- **Bold** rows are on the Pareto front of latency vs top-1: nothing else is both faster and at least "
         "as accurate.",
     ]
-    for key in ("pruning", "distillation", "weights", "note"):
+    for key in ("pruning", "distillation", "quantization_aware_training", "weights", "note"):
         if meta.get(key):
-            lines.append(f"- {key.capitalize()}: {meta[key]}")
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
     batch = next((p.batch for p in points if p.batch), None)
     lines += [
         "",
@@ -86,6 +87,9 @@ def markdown_report(
             "|---|---:|---:|---:|",
         ]
         lines += [f"| `{op.op}` | {op.total_ms:.3f} | {op.share * 100:.1f}% | {op.calls} |" for op in profile]
+    for section in sections:
+        if section:
+            lines += ["", section.rstrip()]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({path})" for name, path in plots.items()]

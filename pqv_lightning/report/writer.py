@@ -15,6 +15,7 @@ import torch
 
 from pqv_lightning.export import environment
 from pqv_lightning.measure import OpTime
+from pqv_lightning.quantization import SensitivityAnalysis
 from pqv_lightning.report.markdown import cpu_description, markdown_report
 from pqv_lightning.report.plots import (
     plot_accuracy_vs_latency,
@@ -23,6 +24,7 @@ from pqv_lightning.report.plots import (
     plot_size_vs_accuracy,
     save_figure,
 )
+from pqv_lightning.report.sensitivity import plot_sensitivity, sensitivity_markdown
 from pqv_lightning.report.tradeoff import TradeoffPoint
 from pqv_lightning.utils.io import atomic_write_bytes, write_json
 
@@ -37,11 +39,13 @@ def write_report(
     meta: dict[str, Any],
     profile: Sequence[OpTime] | None = None,
     profile_of: str | None = None,
+    sensitivity: Sequence[SensitivityAnalysis] = (),
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and the PNG plots into ``out_dir``, each atomically.
 
     Returns the written paths by name (``markdown``, ``json`` and one per plot). A plot that cannot be drawn
-    is left out and named in the JSON (``plot_errors``); the tables are always written.
+    is left out and named in the JSON (``plot_errors``); the tables are always written. Each ``sensitivity``
+    analysis adds a ranked table and a plot (``sensitivity_<target>``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,9 @@ def write_report(
     }
     if profile:
         figures["operator_profile"] = lambda: plot_operator_profile(profile, profile_of or "")
+    for analysis in sensitivity:
+        key = f"sensitivity_{analysis.target.name}_{analysis.granularity}"
+        figures[key] = lambda a=analysis: plot_sensitivity(a, subtitle)
     written: dict[str, Path] = {}
     errors: dict[str, str] = {}
     for name, draw in figures.items():
@@ -66,7 +73,7 @@ def write_report(
         except Exception as err:  # a plot is a view of the tables below: never lose the tables to it
             errors[name] = f"{type(err).__name__}: {err}"
     plots = {name: path.name for name, path in written.items()}
-    text = markdown_report(points, meta, profile, profile_of, plots)
+    text = markdown_report(points, meta, profile, profile_of, plots, [sensitivity_markdown(sensitivity)])
     atomic_write_bytes(out / "report.md", text.encode())
     doc = {
         "report_version": REPORT_VERSION,
@@ -78,6 +85,7 @@ def write_report(
         },
         "variants": [p.as_dict() for p in points],
         "operator_profile": {"artifact": profile_of, "ops": [asdict(op) for op in profile or []]},
+        "sensitivity": [analysis.as_dict() for analysis in sensitivity],
         "plots": plots,
         "plot_errors": errors,
     }
