@@ -15,7 +15,7 @@ from typing_extensions import override
 from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, train_loader
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure
-from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_supported, prune
+from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_budget, check_supported, prune
 from pqv_lightning.utils.checks import check_callable, check_int
 
 __all__ = ["StructuredPruning"]
@@ -120,6 +120,7 @@ class StructuredPruning(ShapeChangingCallback):
                 f"at_epoch={self.at_epoch} is not before max_epochs={max_epochs}: pruning would never happen. "
                 f"Accepted: 0 <= at_epoch < {max_epochs}."
             )
+        self._check_budget(trainer)
         if self.at_epoch == 0:
             # A resumed fit restores its pruned structure after setup: keep the dense model until then.
             self._dense_backup = copy.deepcopy(self._model)
@@ -175,6 +176,20 @@ class StructuredPruning(ShapeChangingCallback):
         restore_pruned_structure(model, checkpoint)
 
     # ------------------------------------------------------------------ internals
+    def _check_budget(self, trainer: pl.Trainer) -> None:
+        """An unreachable ``target_macs`` / ``target_params`` is refused here, before the dense epochs, where the
+        data module says its image shape (``image_shape``); otherwise when pruning, as the engine checks it."""
+        if self.spec.ratio is not None:
+            return
+        try:
+            shape = getattr(getattr(trainer, "datamodule", None), "image_shape", None)
+        except RuntimeError:  # a data module that knows its images only after its own setup
+            shape = None
+        if shape is None:
+            return
+        param = next(self._model.parameters())
+        check_budget(self._model, self.spec, torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
+
     def _prune(self, trainer: pl.Trainer, dense: torch.nn.Module, retain: bool = False) -> PruningResult:
         """Publish ``dense`` (the model as it is now), then prune the model on every rank alike."""
         self.before_shape_change.publish(dense, retain=retain)

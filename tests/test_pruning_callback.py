@@ -132,6 +132,17 @@ def test_at_epoch_not_before_max_epochs_fails_before_training(tmp_path, tiny_vit
     assert probe.steps == [] and current_structure(module.model) is None
 
 
+def test_an_unreachable_budget_fails_before_the_dense_epochs(tmp_path, tiny_vit_kwargs, digits):
+    """The smallest reachable size is known at setup (from the data's image shape): no dense epoch is wasted."""
+    module = classifier(tiny_vit_kwargs)
+    probe = Probe()
+    pruning = StructuredPruning(ratio=None, target_macs=1, importance="taylor", calibration_batches=2, at_epoch=1)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[pruning, probe])
+    with pytest.raises(ValueError, match=r"target_macs=1 is unreachable: .* leaves \d+ macs; accepted: a budget >="):
+        trainer.fit(module, datamodule=digits)
+    assert probe.steps == [] and current_structure(module.model) is None
+
+
 def test_at_epoch_beyond_max_steps_fails_before_the_first_step(tmp_path, tiny_vit_kwargs, digits):
     """Limited by ``max_steps`` only (3 steps an epoch here), epoch 2 ends at the last step: refused before training."""
     module = classifier(tiny_vit_kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 
 import pytest
 import timm
@@ -17,6 +18,7 @@ from pqv_lightning.pruning import (
     PruningSpec,
     UnsupportedModelError,
     apply_structure,
+    check_budget,
     check_supported,
     prune,
 )
@@ -271,6 +273,22 @@ def test_budget(metric: str) -> None:
     assert_same_state(model, replay)
     with pytest.raises(ValueError, match="unreachable"):
         prune(copy.deepcopy(dense), PruningSpec(ratio=None, **{metric: 0.01 * before}), x)
+
+
+@pytest.mark.parametrize("metric", ["target_params", "target_macs"])
+def test_check_budget_knows_the_smallest_reachable_size_without_data(metric: str) -> None:
+    """Before training: the size at the largest ratio, from a magnitude trial, is what the Taylor search reaches."""
+    dense = tiny_vit()
+    data = batches()
+    x = data[0][0]
+    with pytest.raises(ValueError, match="unreachable") as refused:
+        prune(copy.deepcopy(dense), PruningSpec(ratio=None, importance="taylor", **{metric: 1.0}), x, calibration=data)
+    smallest = int(re.search(r"accepted: a budget >= (\d+)", str(refused.value)).group(1))
+    untouched = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match=rf"target_{metric[7:]}=1 is unreachable.*accepted: a budget >= {smallest}\."):
+        check_budget(untouched, PruningSpec(ratio=None, importance="taylor", **{metric: 1.0}), x)
+    assert_same_state(untouched, dense)  # checked on a copy
+    check_budget(untouched, PruningSpec(ratio=None, importance="taylor", **{metric: smallest}), x)  # reachable: quiet
 
 
 def test_structure_is_plain_data() -> None:

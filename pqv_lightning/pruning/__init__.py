@@ -1,6 +1,6 @@
 """Structured pruning engine (plain PyTorch + torch-pruning): prune, record, replay."""
 
-from .engine import apply_structure, check_supported, count_macs_params, prune
+from .engine import apply_structure, check_budget, check_supported, count_macs_params, prune
 from .families import FAMILIES
 from .spec import IMPORTANCES, PruningResult, PruningSpec, UnsupportedModelError
 
@@ -11,6 +11,7 @@ __all__ = [
     "PruningSpec",
     "UnsupportedModelError",
     "apply_structure",
+    "check_budget",
     "check_supported",
     "count_macs_params",
     "prune",

@@ -6,6 +6,7 @@ import copy
 import itertools
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -280,7 +281,7 @@ def _search(
 ) -> dict:
     """Smallest ratio whose pruned copy meets the budget (importance statistics reused via `.grad` and the
     statistics on the layers, which the copies carry)."""
-    metric, target = ("macs", spec.target_macs) if spec.target_macs is not None else ("params", spec.target_params)
+    metric, target = _budget(spec)
     names = {id(m): n for n, m in model.named_modules()}
 
     def trial(r: float) -> tuple[dict, int]:
@@ -289,21 +290,10 @@ def _search(
     if (macs0 if metric == "macs" else params0) <= target:
         return trial(0.0)[0]
 
-    w = family.min_width(model, spec)
-    hi = (w - 1) / w
-    while hi > 0:
-        try:
-            family.check_ratio(model, spec, hi)
-            break
-        except ValueError:
-            hi -= 1 / w
+    hi = _largest_ratio(model, family, spec)
     best = trial(hi) if hi > 0 else None
     if best is None or best[1] > target:
-        reached = best[1] if best is not None else (macs0 if metric == "macs" else params0)
-        raise ValueError(
-            f"target_{metric}={target:g} is unreachable: the most this model can be pruned "
-            f"(ratio {max(hi, 0):.4g}) leaves {reached} {metric}; accepted: a budget >= {reached}."
-        )
+        raise _unreachable(spec, hi, best[1] if best is not None else (macs0 if metric == "macs" else params0))
     lo = 0.0
     for _ in range(_SEARCH_STEPS):
         mid = (lo + hi) / 2
@@ -313,6 +303,57 @@ def _search(
         else:
             lo = mid
     return best[0]
+
+
+def _budget(spec: PruningSpec) -> tuple[str, float]:
+    """The budget's metric ("macs" or "params") and its target."""
+    return ("macs", spec.target_macs) if spec.target_macs is not None else ("params", spec.target_params)
+
+
+def _largest_ratio(model: nn.Module, family: Family, spec: PruningSpec) -> float:
+    """The largest ratio the family accepts on this model (each group keeps at least one channel); 0 if none."""
+    w = family.min_width(model, spec)
+    hi = (w - 1) / w
+    while hi > 0:
+        try:
+            family.check_ratio(model, spec, hi)
+            break
+        except ValueError:
+            hi -= 1 / w
+    return max(hi, 0.0)
+
+
+def _unreachable(spec: PruningSpec, ratio: float, reached: int) -> ValueError:
+    metric, target = _budget(spec)
+    return ValueError(
+        f"target_{metric}={target:g} is unreachable: the most this model can be pruned "
+        f"(ratio {ratio:.4g}) leaves {reached} {metric}; accepted: a budget >= {reached}."
+    )
+
+
+def check_budget(model: nn.Module, spec: PruningSpec, example_inputs: torch.Tensor) -> None:
+    """Refuse a budget (`target_macs` / `target_params`) that pruning cannot reach, before any training.
+
+    With each group pruned by the same ratio, how many channels go at the largest ratio does not depend on the
+    importance, so one magnitude-ranked trial on a copy gives the smallest reachable size without calibration
+    data. Global and isomorphic ranking size the groups by the importance: their budgets are checked when they
+    prune (as before).
+    """
+    if spec.ratio is not None or spec.global_pruning or spec.isomorphic:
+        return
+    family = check_supported(model, spec)
+    metric, target = _budget(spec)
+    macs0, params0 = count_macs_params(model, example_inputs)
+    if (macs0 if metric == "macs" else params0) <= target:
+        return
+    hi = _largest_ratio(model, family, spec)
+    reached = macs0 if metric == "macs" else params0
+    if hi > 0:
+        probe = replace(spec, importance="l2")
+        _, reached = _trial(model, family, probe, hi, example_inputs, list(probe.ignored_layers), metric,
+                            probe.make_importance())  # fmt: skip
+    if reached > target:
+        raise _unreachable(spec, hi, reached)
 
 
 def _trial(model, family, spec, ratio, example_inputs, ignored_names, metric, importance) -> tuple[dict, int]:
