@@ -305,3 +305,36 @@ def test_bad_inputs_rejected_before_work(trained_tiny_vit, digit_tensors):
     with pytest.raises(ValueError, match="example_input"):
         quantize(trained_tiny_vit, "int8_dynamic", torch.zeros(2, 1, 16, 16, dtype=torch.long))
     assert isinstance(quantize(no_linear, "fp16", example).module(example), torch.Tensor)
+
+
+def test_pt2e_models_come_back_in_eval_mode_and_keep_batch_norm_statistics():
+    """Families with batch norms (LeViT, EfficientFormer) measured at batch 1 after evaluation: still eval mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    ).eval()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(16, 8)
+    graph = quantize_pt2e(model, "xnnpack", x, [x])
+    assert not graph.training
+    before = graph(x[:1])  # batch 1: batch statistics would raise here
+    evaluate(graph, [(x, torch.zeros(16, dtype=torch.long))])
+    assert not graph.training and torch.equal(graph(x[:1]), before)
+    assert torch.allclose(graph(x), model(x), atol=0.2)
+
+
+@pytest.mark.parametrize("target", ["int8_dynamic:x86", "fp16"])
+def test_wrapped_variants_stay_in_eval_mode_after_evaluation(target):
+    """The engine / dtype wrapper takes its network's mode: evaluating it must not put batch norms in training
+    mode (a LeViT's 1-token last stage then fails at batch 1, and every call would move the running statistics)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+    ).eval()
+    x = torch.randn(16, 8)
+    variant = quantize(model, target, x[:1]).module
+    assert not variant.training and not any(m.training for m in variant.modules())
+    evaluate(variant, [(x, torch.zeros(16, dtype=torch.long))])
+    assert not any(m.training for m in variant.modules())
+    variant(x[:1])  # batch statistics of one value per channel would raise

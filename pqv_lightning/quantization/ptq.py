@@ -121,6 +121,7 @@ class EngineScoped(nn.Module):
         super().__init__()
         self.module = module
         self.engine = engine
+        self.train(module.training)  # a new Module says training=True: evaluate() would restore that onto module
 
     def forward(self, x: Tensor) -> Tensor:
         with quantized_engine(self.engine), silenced("torch.ao"):
@@ -136,6 +137,7 @@ class HalfPrecision(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module.half()
+        self.train(module.training)  # as EngineScoped: the wrapper's mode is the network's
 
     def forward(self, x: Tensor) -> Tensor:
         return self.module(x.to(torch.float16)).float()
@@ -418,6 +420,11 @@ def quantize_pt2e(
             prepared(_batch_of_two(example_input))
     converted = convert_pt2e(prepared)
     allow_exported_model_train_eval(converted)
+    # An exported graph module starts with training=True, and torchao's eval() rewrites the graph's ops without
+    # changing the flag: anything that evaluates it and restores the mode would switch its batch norms to batch
+    # statistics (LeViT, EfficientFormer, ...).
+    converted.eval()
+    converted.training = False
     return converted
 
 
