@@ -11,7 +11,8 @@ onnxruntime) and verified against the eager model on 64 held-out synthetic image
 FP32 must agree on every top-1 and stay within 1e-3 of the logits, INT8 on at least 97%), and a dense FP32 ``.pte``
 for the latency comparison. Then, with no other job running, the batch-1 latency of the dense and the pruned FP32
 ``.pte`` (ExecuTorch XNNPACK threadpool and torch fixed to ``--threads``), round-robin, median of ``--runs`` calls
-after 5 warm-up calls. Finally every model of ``REFUSED`` is offered to the pruning engine and its refusal printed.
+after 5 warm-up calls. Finally every model of ``REFUSED_EXAMPLES`` (pqv_lightning.pruning.families) is offered to
+the pruning engine and its refusal printed.
 Prints one Markdown table, the families that passed every step and the reason of every failed file (and writes
 ``zoo.json`` to ``--out-dir``; ``--table DIR/zoo.json`` prints them again).
 """
@@ -59,19 +60,6 @@ ZOO: dict[str, tuple[str, dict, int]] = {
     "efficientvit_mit": ("efficientvit_b0", {"depths": (1, 1, 1, 2, 2)}, 64),
     "efficientvit_msra": ("efficientvit_m0", {"img_size": 64}, 64),
 }
-#: Models of timm's transformer zoo the pruning engine refuses (the reason is its own message).
-REFUSED = (
-    "crossvit_tiny_240",
-    "mvitv2_tiny",
-    "twins_svt_small",
-    "maxvit_tiny_tf_224",
-    "hiera_tiny_224",
-    "coat_lite_tiny",
-    "nest_tiny",
-    "volo_d1_224",
-    "gcvit_xxtiny",
-    "davit_tiny",
-)
 RATIO = 0.25
 
 
@@ -161,9 +149,10 @@ def _latency(rows: list[dict], threads: int, runs: int) -> None:
 
 def _refusals() -> list[tuple[str, str]]:
     from pqv_lightning.pruning import UnsupportedModelError, check_supported
+    from pqv_lightning.pruning.families import REFUSED_EXAMPLES
 
     out = []
-    for name in REFUSED:
+    for name in REFUSED_EXAMPLES:
         try:
             model = timm.create_model(name, pretrained=False, num_classes=10)
         except Exception as err:  # not in this timm version

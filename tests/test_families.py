@@ -304,26 +304,11 @@ def test_prune_heads_refused_where_one_table_is_shared_by_every_block() -> None:
     assert check_supported(model, PruningSpec()).name == "beit"  # head dims and MLPs are still pruned
 
 
-#: One model of every refused timm family (the smallest variant).
-REFUSED_MODELS = (
-    "crossvit_tiny_240",
-    "mvitv2_tiny",
-    "twins_svt_small",
-    "maxvit_tiny_tf_224",
-    "hiera_tiny_224",
-    "coat_lite_tiny",
-    "nest_tiny",
-    "volo_d1_224",
-    "gcvit_xxtiny",
-    "davit_tiny",
-)
-
-
 def test_unsupported_families_refused_up_front_with_what_is_unsupported() -> None:
-    from pqv_lightning.pruning.families import REFUSED
+    from pqv_lightning.pruning.families import REFUSED, REFUSED_EXAMPLES
 
     seen = set()
-    for name in REFUSED_MODELS:
+    for name in REFUSED_EXAMPLES:
         model = timm.create_model(name, pretrained=False, num_classes=10)
         kind = f"{type(model).__module__}.{type(model).__name__}"
         seen.add(kind)

@@ -32,6 +32,7 @@ from pqv_lightning.utils.checks import invalid
 __all__ = [
     "FAMILIES",
     "REFUSED",
+    "REFUSED_EXAMPLES",
     "Block",
     "BlockFamily",
     "Family",
@@ -99,6 +100,20 @@ REFUSED: dict[str, str] = {
     "timm.models.gcvit.GlobalContextVit": "global query tokens generated per stage and shared by window attentions",
     "timm.models.davit.DaVit": "dual spatial-window and channel-group attention",
 }
+
+#: The smallest timm model of each family in ``REFUSED`` (what the tests and ``benchmarks/zoo.py`` offer the engine).
+REFUSED_EXAMPLES: tuple[str, ...] = (
+    "crossvit_tiny_240",
+    "mvitv2_tiny",
+    "twins_svt_small",
+    "maxvit_tiny_tf_224",
+    "hiera_tiny_224",
+    "coat_lite_tiny",
+    "nest_tiny",
+    "volo_d1_224",
+    "gcvit_xxtiny",
+    "davit_tiny",
+)
 
 
 def family_of(model: nn.Module) -> Family:
