@@ -14,11 +14,13 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,7 @@ __all__ = [
     "interleaved_latency",
     "interleaved_process_latency",
     "load_average",
+    "openvino_missing",
     "ratio",
 ]
 
@@ -123,7 +126,18 @@ def ratio(reference: LatencyStats | None, candidate: LatencyStats | None) -> flo
 
 # --------------------------------------------------------------------------- fresh-process timing
 
-CHILD_KINDS = SERVE_KINDS
+#: ``"openvino"``: a peer, an ONNX file read by OpenVINO with its defaults (benchmarks/_openvino_serve.py).
+CHILD_KINDS = (*SERVE_KINDS, "openvino")
+_OPENVINO_SERVE = Path(__file__).with_name("_openvino_serve.py")
+
+
+def openvino_missing() -> str | None:
+    """Why the OpenVINO peer cannot run here (``None`` when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return "openvino is not installed (pip install .[benchmarks])"
+    return None
 
 
 @dataclass(frozen=True)
@@ -177,11 +191,16 @@ class TimingWorker:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
         # stderr to a file, not a pipe: a chatty runtime cannot block; closed in __exit__
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        command = serve_command(
-            variant.kind, variant.path, input_shape, threads, warmup, engine=variant.engine,
-            ort_spinning=variant.ort_spinning, model=variant.model, model_kwargs=variant.model_kwargs,
-            structure=variant.structure,
-        )  # fmt: skip
+        if variant.kind == "openvino":
+            shape = ",".join(str(int(s)) for s in input_shape)
+            command = [sys.executable, str(_OPENVINO_SERVE), variant.path, "--shape", shape,
+                       "--threads", str(threads), "--warmup", str(warmup)]  # fmt: skip
+        else:
+            command = serve_command(
+                variant.kind, variant.path, input_shape, threads, warmup, engine=variant.engine,
+                ort_spinning=variant.ort_spinning, model=variant.model, model_kwargs=variant.model_kwargs,
+                structure=variant.structure,
+            )  # fmt: skip
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, bufsize=1,

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, train_loader
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure
+from pqv_lightning.latency_search import LatencySearch, LatencyTarget, search_ratio
 from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_budget, check_supported, prune
 from pqv_lightning.utils.checks import check_callable, check_int
 
@@ -64,6 +67,15 @@ class StructuredPruning(ShapeChangingCallback):
         loss_fn: loss of ``(logits, labels)`` for Taylor / Hessian / OBD-C.
         isomorphic: torch-pruning's isomorphic pruning (ECCV 2024): rank together the groups of the same structure
             (e.g. all MLP hidden groups), ``ratio`` overall in each.
+        target_latency_ms: prune until the exported ``latency_target`` file runs within this many ms per call on
+            this machine (``ratio=None``). The ratio is searched before the first training step (in ``setup`` for
+            ``at_epoch=0``, at fit start otherwise) by pruning copies, exporting and timing them on rank 0
+            (:mod:`pqv_lightning.latency_search`); a target below what the most-pruned model reaches is refused
+            there. The search and the measured latency are kept in the checkpoint state and the pruning summary.
+        latency_target: the artifact the latency is measured on: ``"<format>-<precision>"`` (``"onnx-int8"``,
+            ``"executorch-int8"``, ``"aoti-int8"``, ...; :data:`~pqv_lightning.latency_search.LATENCY_ARTIFACTS`)
+            or ``"eager"``, at batch 1.
+        threads: runtime threads the latency is measured at (state the same in the report to compare).
     """
 
     def __init__(
@@ -82,7 +94,21 @@ class StructuredPruning(ShapeChangingCallback):
         model_attribute: str = "model",
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
         isomorphic: bool = False,
+        target_latency_ms: float | None = None,
+        latency_target: str = "onnx-int8",
+        threads: int = 1,
     ) -> None:
+        self.latency = None
+        if target_latency_ms is not None:
+            given = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
+                     if v is not None]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"Give either {given[0]} or target_latency_ms={target_latency_ms!r}, not both; set ratio=None to "
+                    "prune to a latency."
+                )
+            self.latency = LatencyTarget(target_latency_ms, latency_target, check_int("threads", threads, 1))
+            ratio = 0.0  # replaced by the searched ratio before pruning
         self.spec = PruningSpec(
             ratio=ratio,
             importance=importance,
@@ -101,6 +127,9 @@ class StructuredPruning(ShapeChangingCallback):
         self.loss_fn = check_callable("loss_fn", loss_fn, "a callable loss(logits, labels)")
         self.result: PruningResult | None = None
         self._dense_backup: torch.nn.Module | None = None
+        #: The latency search's outcome (``target_latency_ms``), kept in the checkpoint state as plain data.
+        self.latency_search: LatencySearch | None = None
+        self._latency_trials: dict[float, float] = {}
 
     @property
     def dense_model(self) -> torch.nn.Module | None:
@@ -122,6 +151,8 @@ class StructuredPruning(ShapeChangingCallback):
             )
         self._check_budget(trainer)
         if self.at_epoch == 0:
+            if self.latency is not None and self.latency_search is None:
+                self._search_latency(trainer)
             # A resumed fit restores its pruned structure after setup: keep the dense model until then.
             self._dense_backup = copy.deepcopy(self._model)
             self._prune(trainer, self._dense_backup, retain=True)
@@ -130,6 +161,11 @@ class StructuredPruning(ShapeChangingCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._dense_backup = None
+        # at_epoch=K searches here, after a resumed fit restored this callback's state (and with it the search of
+        # the run it resumes) and before the first training step.
+        pruned = current_structure(self._model) is not None
+        if self.at_epoch and self.latency is not None and self.latency_search is None and not pruned:
+            self._search_latency(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -146,7 +182,22 @@ class StructuredPruning(ShapeChangingCallback):
 
     @override
     def settings(self) -> dict[str, Any]:
-        return {"spec": self.spec.to_dict(), "at_epoch": self.at_epoch}
+        settings = {"spec": self.spec.to_dict(), "at_epoch": self.at_epoch}
+        if self.latency_search is not None:
+            settings["latency_search"] = self.latency_search.as_dict()
+        return settings
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        stored = state_dict.get("latency_search")
+        if self.latency is not None and stored and self.latency_search is None:
+            target = LatencyTarget(*(stored[k] for k in ("target_ms", "artifact", "threads", "warmup", "runs")))
+            if target == self.latency:  # the same target: its measurements and choice hold
+                trials = {float(r): float(ms) for r, ms in stored["trials"]}
+                self._latency_trials.update(trials)
+                self.latency_search = LatencySearch(stored["ratio"], stored["latency_ms"], target, trials)
+                self.spec = replace(self.spec, ratio=stored["ratio"])
 
     @override
     def restore_before_weights_load(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -190,8 +241,38 @@ class StructuredPruning(ShapeChangingCallback):
         param = next(self._model.parameters())
         check_budget(self._model, self.spec, torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
 
+    def _search_latency(self, trainer: pl.Trainer) -> None:
+        """The ratio for ``target_latency_ms``, found on rank 0 by timing pruned copies (the others wait) and
+        broadcast; refuses an unreachable target before any training step."""
+        latency = self.latency
+        example = None
+        if trainer.is_global_zero:
+            batches = take_batches(train_loader(trainer), 1, torch.device("cpu"))
+            example = batches[0][0][:1].float()
+            calibration = [batches[0][0][i : i + 1].float() for i in range(min(8, batches[0][0].shape[0]))]
+            try:
+                found = search_ratio(self._model, self.spec, example, latency, calibration, trials=self._latency_trials)
+                outcome: dict[str, Any] | str = found.as_dict()
+            except ValueError as err:
+                outcome = str(err)
+        else:
+            outcome = None
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if isinstance(outcome, str):
+            raise ValueError(outcome)
+        trials = {float(r): float(ms) for r, ms in outcome["trials"]}
+        self.latency_search = LatencySearch(outcome["ratio"], outcome["latency_ms"], latency, trials)
+        self.spec = replace(self.spec, ratio=outcome["ratio"])
+        if trainer.is_global_zero:
+            rank_zero_info(
+                f"StructuredPruning: target {latency.target_ms:g} ms for {latency.describe()}: ratio "
+                f"{outcome['ratio']:.4g} measured {outcome['latency_ms']:.3f} ms ({len(trials)} trials)"
+            )
+
     def _prune(self, trainer: pl.Trainer, dense: torch.nn.Module, retain: bool = False) -> PruningResult:
         """Publish ``dense`` (the model as it is now), then prune the model on every rank alike."""
+        if self.latency is not None and self.latency_search is None:
+            self._search_latency(trainer)  # resumed from a run that had not searched yet
         self.before_shape_change.publish(dense, retain=retain)
         model = self._model
         device = trainer.strategy.root_device
@@ -220,4 +301,10 @@ class StructuredPruning(ShapeChangingCallback):
         self.result = result
         importance = self.spec.to_dict()["importance"]
         self.record_change(trainer, result, f"{importance} importance", importance)
+        if self.latency_search is not None:
+            search = self.latency_search
+            self.summary.update(
+                latency_target=search.target.artifact, latency_threads=search.target.threads,
+                target_latency_ms=search.target.target_ms, latency_ms=search.latency_ms,
+            )  # fmt: skip
         return result

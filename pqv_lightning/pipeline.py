@@ -26,8 +26,9 @@ from torch import nn
 
 from pqv_lightning.checkpoint import current_structure
 from pqv_lightning.export import (
+    AOTI_PRECISIONS,
+    DEFAULT_FORMATS,
     EXECUTORCH_PRECISIONS,
-    FORMATS,
     ONNX_PRECISIONS,
     ArtifactRecord,
     export_artifacts,
@@ -153,7 +154,8 @@ class ExportConfig:
     """Deployable files of the trained model and of its TorchScript-able quantized variants, each verified.
 
     Args:
-        formats: any of ``"torchscript"``, ``"lite"``, ``"executorch"``, ``"onnx"``.
+        formats: any of ``"torchscript"``, ``"lite"``, ``"executorch"``, ``"onnx"``, ``"aoti"`` (an AOTInductor
+            ``.pt2`` package compiled for this x86 CPU; needs a C++ compiler).
         output_dir: where the files and ``manifest.json`` go (the Lightning face defaults it to the log dir).
         executorch_precisions: ``"fp32"``, ``"int8"`` (static, calibrated), ``"int8_dynamic"``, ``"int4"``.
         onnx_precisions: ``"fp32"``, ``"int8"`` (onnxruntime dynamic), ``"int8_qdq"`` (static, calibrated).
@@ -165,10 +167,11 @@ class ExportConfig:
         float_layers: layers the quantized ExecuTorch and ONNX files keep in float (names or globs of layers or
             blocks). Empty: those of the matching ``Quantization`` target when there is one (``int8_pt2e:xnnpack``
             for executorch int8, ``int4_weight`` for int4, ``int8_dynamic`` for onnx int8, ``int8_static`` for
-            onnx int8_qdq), else none.
+            onnx int8_qdq, ``int8_pt2e:x86`` for aoti int8), else none.
+        aoti_precisions: ``"fp32"``, ``"int8"`` (PT2E x86, static, calibrated; oneDNN int8 kernels).
     """
 
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     output_dir: Path | None = None
     executorch_precisions: tuple[str, ...] = ("fp32", "int8", "int4")
     onnx_precisions: tuple[str, ...] = ("fp32", "int8")
@@ -178,6 +181,7 @@ class ExportConfig:
     calibration_split: str = "train"
     prefix: str = "model_"
     float_layers: tuple[str, ...] = ()
+    aoti_precisions: tuple[str, ...] = ("fp32", "int8")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_layers", MixedPrecision(tuple(self.float_layers)).float_layers)
@@ -186,6 +190,8 @@ class ExportConfig:
         object.__setattr__(self, "executorch_precisions", et)
         onnx = validate_precisions(self.onnx_precisions, ONNX_PRECISIONS, "onnx")
         object.__setattr__(self, "onnx_precisions", onnx)
+        aoti = validate_precisions(self.aoti_precisions, AOTI_PRECISIONS, "aoti")
+        object.__setattr__(self, "aoti_precisions", aoti)
         object.__setattr__(self, "output_dir", _check_output_dir(self.output_dir))
         check_int("val_batches", self.val_batches, 1, allow_none=True)
         check_int("batch_size", self.batch_size, 1)
@@ -194,7 +200,8 @@ class ExportConfig:
             raise invalid(
                 "calibration_batches",
                 0,
-                "an int >= 1, because executorch 'int8' / onnx 'int8_qdq' calibrate on data (or drop those precisions)",
+                "an int >= 1, because executorch 'int8' / onnx 'int8_qdq' / aoti 'int8' calibrate on data (or drop "
+                "those precisions)",
             )
         check_choice("calibration_split", self.calibration_split, CALIBRATION_SPLITS)
         prefix = self.prefix
@@ -206,6 +213,7 @@ class ExportConfig:
         return {
             "executorch_precisions": self.executorch_precisions,
             "onnx_precisions": self.onnx_precisions,
+            "aoti_precisions": self.aoti_precisions,
             "prefix": self.prefix,
         }
 
@@ -215,9 +223,11 @@ class ExportConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether these formats and precisions calibrate on images (ExecuTorch static int8, ONNX QDQ)."""
-        return ("executorch" in self.formats and "int8" in self.executorch_precisions) or (
-            "onnx" in self.formats and "int8_qdq" in self.onnx_precisions
+        """Whether these formats and precisions calibrate on images (ExecuTorch and AOTI static int8, ONNX QDQ)."""
+        return (
+            ("executorch" in self.formats and "int8" in self.executorch_precisions)
+            or ("onnx" in self.formats and "int8_qdq" in self.onnx_precisions)
+            or ("aoti" in self.formats and "int8" in self.aoti_precisions)
         )
 
 
@@ -355,6 +365,7 @@ def export_stage(
         formats=list(config.formats),
         executorch_precisions=list(config.executorch_precisions),
         onnx_precisions=list(config.onnx_precisions),
+        aoti_precisions=list(config.aoti_precisions),
         batch_size=batch_size,
         verified_on_images=sum(int(labels.shape[0]) for _, labels in val_batches),
         quantized_variants=[q.name for q in variants],
@@ -399,6 +410,7 @@ _FILE_TARGETS = {
     "executorch-int4": "int4_weight",
     "onnx-int8": "int8_dynamic",
     "onnx-int8_qdq": "int8_static",
+    "aoti-int8": "int8_pt2e:x86",
 }
 
 

@@ -43,11 +43,12 @@ def records(model, tmp_path_factory):
     recs = export_artifacts(
         model,
         tmp_path_factory.mktemp("artifacts"),
-        ["torchscript", "lite", "executorch", "onnx"],
+        ["torchscript", "lite", "executorch", "onnx", "aoti"],
         x,
         val,
         quantized=[q],
         executorch_precisions=["fp32"],
+        aoti_precisions=["fp32"],
         onnx_precisions=["fp32"],
     )
     return {r.name: r for r in recs}
@@ -93,7 +94,7 @@ def test_bad_kind_and_threads_rejected(model):
         make_runner(model, "eager", x, threads=0)
     with pytest.raises(FileNotFoundError, match="needs the path"):
         make_runner("/nonexistent.onnx", "onnx", x)
-    with pytest.raises(ValueError, match="accepted: torchscript, lite, onnx, executorch"):
+    with pytest.raises(ValueError, match="accepted: torchscript, lite, onnx, executorch, aoti"):
         peak_memory("/nonexistent.pt", "eager", [1, 3, 32, 32])
     with pytest.raises(ValueError, match="suffix"):
         kind_of("model.bin")
@@ -115,6 +116,7 @@ def test_runners_of_every_kind_match_eager(model, records):
         "lite": records["lite-fp32"].path,
         "onnx": records["onnx-fp32"].path,
         "executorch": records["executorch-fp32"].path,
+        "aoti": records["aoti-fp32"].path,
     }
     assert set(artifacts) == set(KINDS)
     for kind, artifact in artifacts.items():

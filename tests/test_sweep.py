@@ -62,6 +62,31 @@ def _config(tmp_path: Path, **changes) -> Path:
 def test_grid_has_one_unpruned_point_and_every_ratio_criterion_pair(tmp_path):
     spec = load_spec(_config(tmp_path, ratios=[0.0, 0.25, 0.5], importances=["l1", "taylor"]))
     assert [p[0] for p in grid(spec)] == ["dense", "r0.25_l1", "r0.25_taylor", "r0.5_l1", "r0.5_taylor"]
+    spec = load_spec(_config(tmp_path, ratios=[0.0], latency_targets_ms=[1.5], latency={"target": "eager"}))
+    assert grid(spec) == [("dense", 0.0, None), ("t1.5ms_l2", None, "l2")]
+    assert spec.latency_target("t1.5ms_l2").artifact == "eager" and spec.latency_target("dense") is None
+
+
+@pytest.mark.slow
+def test_a_latency_point_searches_its_ratio_on_the_dense_model_and_caches_the_trials(tmp_path, monkeypatch):
+    import pqv_lightning.latency_search as ls
+
+    measured: list[float] = []
+    monkeypatch.setattr(ls, "measure_pruned_latency", lambda *a, **k: measured.append(a[2]) or 10.0 - 9.6 * a[2])
+    config = _config(tmp_path, ratios=[0.0], latency_targets_ms=[5.0], latency={"target": "onnx-int8", "threads": 1},
+                     export={"formats": ["onnx"], "onnx_precisions": ["int8"]})  # fmt: skip
+    assert main(["--config", str(config), "--no-progress", "--point", "t5ms_l2"]) == 0
+    out = tmp_path / "out"
+    result = json.loads((out / "points" / "t5ms_l2" / "result.json").read_text())
+    search = result["latency_search"]
+    assert search["latency_ms"] <= 5.0 and result["ratio"] == search["ratio"] > 0.5
+    assert result["pruning"]["macs_after"] < result["pruning"]["macs_before"]
+    cache = json.loads((out / "latency_trials.json").read_text())["onnx-int8@1"]
+    assert len(cache) == len(measured) == 8
+    measured.clear()
+    (out / "points" / "t5ms_l2" / "result.json").unlink()  # run the point again: every ratio is cached
+    assert main(["--config", str(config), "--no-progress", "--point", "t5ms_l2"]) == 0
+    assert measured == []
 
 
 @pytest.mark.parametrize(
@@ -82,6 +107,10 @@ def test_grid_has_one_unpruned_point_and_every_ratio_criterion_pair(tmp_path):
             r"base='/nonexistent/recipe.yaml' is invalid; accepted: the path of an existing",
         ),
         ({"epochs": 3}, r"epochs=3 is invalid; accepted: a key of sweep config .*: base"),
+        ({"latency_targets_ms": [0]}, r"latency_targets_ms\[0\]=0 is invalid; accepted: a positive number of ms"),
+        ({"latency_targets_ms": [2.0], "latency": {"target": "tflite"}}, r"latency_target='tflite' is invalid"),
+        ({"latency_targets_ms": [2.0], "latency": {"cores": 2}}, r"latency\['cores'\]=2 is invalid"),
+        ({"ratios": [0.0], "latency_targets_ms": [2.0], "importances": []}, r"latency targets need a criterion"),
     ],
 )
 def test_bad_specs_are_refused_before_anything_trains(tmp_path, changes, match, monkeypatch):

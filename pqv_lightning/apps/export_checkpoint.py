@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from pqv_lightning.checkpoint import CheckpointError, ClassifierCheckpoint, load_classifier_checkpoint
-from pqv_lightning.export import EXECUTORCH_PRECISIONS, FORMATS, ONNX_PRECISIONS, check_output_dir
+from pqv_lightning.export import (
+    AOTI_PRECISIONS,
+    DEFAULT_FORMATS,
+    EXECUTORCH_PRECISIONS,
+    FORMATS,
+    ONNX_PRECISIONS,
+    check_output_dir,
+)
 from pqv_lightning.pipeline import (
     CALIBRATION_SPLITS,
     ExportConfig,
@@ -69,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "int8_pt2e:xnnpack int4_weight (space or comma separated)",
     )
     parser.add_argument(
-        "--formats", nargs="+", default=list(FORMATS), metavar="FORMAT", help=f"any of {', '.join(FORMATS)}"
+        "--formats",
+        nargs="+",
+        default=list(DEFAULT_FORMATS),
+        metavar="FORMAT",
+        help=f"any of {', '.join(FORMATS)} (default: {' '.join(DEFAULT_FORMATS)}; aoti compiles for this x86 CPU)",
     )
     parser.add_argument("--output-dir", help="folder for the files and manifest.json (default: <checkpoint>_export)")
     parser.add_argument(
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--onnx-precisions", nargs="+", default=["fp32", "int8"], help=f"any of {', '.join(ONNX_PRECISIONS)}"
+    )
+    parser.add_argument(
+        "--aoti-precisions", nargs="+", default=["fp32", "int8"], help=f"any of {', '.join(AOTI_PRECISIONS)}"
     )
     parser.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported files")
     parser.add_argument("--val-batches", type=int, default=None, help="validation batches to verify on (all)")
@@ -127,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             formats=_split_list(args.formats),
             executorch_precisions=_split_list(args.executorch_precisions),
             onnx_precisions=_split_list(args.onnx_precisions),
+            aoti_precisions=_split_list(args.aoti_precisions),
             val_batches=check_int("--val-batches", args.val_batches, 1, allow_none=True),
             batch_size=args.batch_size,
             calibration_batches=check_int("--calibration-batches", args.calibration_batches, 0),

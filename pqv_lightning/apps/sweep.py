@@ -39,6 +39,7 @@ from pqv_lightning.apps.sweep_summary import SWEEP_PLOTS, summarize
 from pqv_lightning.apps.trainers import quiet_trainer
 from pqv_lightning.checkpoint import CheckpointError, read_checkpoint, set_structure
 from pqv_lightning.distillation import Distiller, attach_distiller, detach_distiller, frozen_copy
+from pqv_lightning.latency_search import LatencyTarget, search_ratio
 from pqv_lightning.pipeline import run_pipeline
 from pqv_lightning.pruning import PruningSpec, prune
 from pqv_lightning.utils.batches import split_batch
@@ -48,7 +49,7 @@ __all__ = ["SWEEP_PLOTS", "SweepSpec", "grid", "load_spec", "main", "merge", "ru
 
 SPEC_FILE = "sweep_spec.json"
 _PRUNING_FIELDS = ("ratio", "params_before", "params_after", "macs_before", "macs_after")
-Point = tuple[str, float, str | None]
+Point = tuple[str, float | None, str | None]
 
 
 def _instantiate(section: dict[str, Any]) -> Any:
@@ -119,12 +120,32 @@ def _prune_at_fit_start(spec: SweepSpec, module: Any, data: Any, ratio: float, i
     return result
 
 
+def _search_latency(spec: SweepSpec, module: Any, data: Any, latency: LatencyTarget, importance: str, out: Path):
+    """The ratio of a latency point, searched on the dense model; every measurement is cached by ratio in
+    ``latency_trials.json`` (per target kind and threads), for the other points and for a resumed sweep."""
+    cache_path = out / "latency_trials.json"
+    key = f"{latency.artifact}@{latency.threads}"
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    except (OSError, ValueError):  # a damaged cache only costs measurements
+        cache = {}
+    trials = {float(r): float(ms) for r, ms in cache.get(key, [])}
+    x = split_batch(next(iter(data.train_dataloader())))[0]
+    calibration = [x[i : i + 1] for i in range(min(8, x.shape[0]))]
+    search = search_ratio(module.model, PruningSpec(ratio=0.0, importance=importance), x[:1], latency, calibration,
+                          trials=trials)  # fmt: skip
+    cache[key] = sorted([r, ms] for r, ms in trials.items())
+    write_json(cache_path, cache)
+    return search
+
+
 def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], point: Point, out: Path, bar) -> dict:
     """Prune, finetune (distilling from the dense model), then quantize, export and measure one grid point."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     point_id, ratio, importance = point
+    latency = spec.latency_target(point_id)
     folder = out / "points" / point_id
     if folder.exists():  # leftovers of an interrupted attempt: start this point clean
         shutil.rmtree(folder)
@@ -134,6 +155,11 @@ def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], po
     data.setup("fit")
     bar.reset(total=spec.finetune_epochs * len(data.train_dataloader()))
     teacher = frozen_copy(module.model) if spec.distillation is not None else None
+    search = None
+    if latency is not None:
+        bar.set_postfix_str(f"latency search: {latency.describe()}")
+        search = _search_latency(spec, module, data, latency, importance, out)
+        ratio = search.ratio
     pruned = _prune_at_fit_start(spec, module, data, ratio, importance) if ratio > 0 else None
     if teacher is not None:
         attach_distiller(module, Distiller(teacher, **spec.distillation))
@@ -162,6 +188,7 @@ def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], po
         "ratio": ratio,
         "importance": importance,
         "pruning": None if pruned is None else {k: getattr(pruned, k) for k in _PRUNING_FIELDS},
+        "latency_search": None if search is None else search.as_dict(),
         "val_top1": float(trainer.callback_metrics["val/top1"]),
         "seconds": round(time.perf_counter() - start, 1),
         "variants": [p.as_dict() for p in result.points],
@@ -331,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, help="override finetune_epochs")
     parser.add_argument("--ratios", type=float, nargs="+", help="override ratios")
     parser.add_argument("--importances", nargs="+", help="override importances")
+    parser.add_argument(
+        "--latency-targets-ms", type=float, nargs="+", help="override latency_targets_ms (points pruned to a latency)"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--fresh", action="store_true", help="delete the sweep's output_dir first instead of resuming")
     mode.add_argument("--list", action="store_true", help="print the grid points (index and id) and exit")
@@ -345,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finetune_epochs": args.finetune_epochs,
         "ratios": args.ratios,
         "importances": args.importances,
+        "latency_targets_ms": args.latency_targets_ms,
     }
     try:
         spec = load_spec(args.config, overrides)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from pqv_lightning.distillation import validate as validate_distillation
+from pqv_lightning.latency_search import LatencyTarget
 from pqv_lightning.pipeline import ExportConfig, QuantizationConfig, ReportConfig
 from pqv_lightning.pruning import PruningSpec
 from pqv_lightning.utils.checks import check_int, check_number, invalid
@@ -31,8 +32,11 @@ SPEC_KEYS = (
     "export",
     "report",
     "calibration_batches",
+    "latency_targets_ms",
+    "latency",
 )
-_EXPORT_KEYS = ("formats", "executorch_precisions", "onnx_precisions")
+_LATENCY_KEYS = ("target", "threads", "warmup", "runs")
+_EXPORT_KEYS = ("formats", "executorch_precisions", "onnx_precisions", "aoti_precisions")
 _REPORT_KEYS = ("threads", "warmup", "runs", "batch", "memory")
 _DISTILLATION_KEYS = ("mode", "temperature", "alpha")
 
@@ -61,6 +65,10 @@ class SweepSpec:
     )
     report: dict[str, Any] = field(default_factory=lambda: {"threads": 1, "runs": 30, "batch": 16, "memory": True})
     calibration_batches: int = 8
+    #: Points pruned to a measured latency instead of a ratio: one per target and criterion (id ``t<ms>ms_<imp>``),
+    #: the ratio searched on the dense model by timing ``latency["target"]`` files (pqv_lightning.latency_search).
+    latency_targets_ms: list[float] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=lambda: {"target": "onnx-int8", "threads": 1})
 
     def fingerprint(self) -> str:
         """What results depend on (not where they are written): finished points count only under the same."""
@@ -73,6 +81,14 @@ class SweepSpec:
 
     def export_config(self, output_dir: Path) -> ExportConfig:
         return ExportConfig(output_dir=output_dir, calibration_batches=self.calibration_batches, **self.export)
+
+    def latency_target(self, point_id: str) -> LatencyTarget | None:
+        """The latency target of a ``t<ms>ms_<imp>`` point, ``None`` for a ratio point."""
+        for ms in self.latency_targets_ms:
+            if point_id.startswith(f"t{ms:g}ms_"):
+                return LatencyTarget(float(ms), self.latency.get("target", "onnx-int8"),
+                                     **{k: v for k, v in self.latency.items() if k != "target"})  # fmt: skip
+        return None
 
     def report_config(self, output_dir: Path) -> ReportConfig:
         """Grid points are compared by the sweep itself: no dense row and no operator profile per point."""
@@ -99,9 +115,17 @@ def validate_spec(spec: SweepSpec) -> SweepSpec:
         raise invalid("ratios", spec.ratios, "a non-empty list of numbers in [0, 1)")
     for i, ratio in enumerate(spec.ratios):
         check_number(f"ratios[{i}]", ratio, 0, 1, max_open=True)
-    if any(r > 0 for r in spec.ratios):
+    if not isinstance(spec.latency_targets_ms, list):
+        raise invalid("latency_targets_ms", spec.latency_targets_ms, "a list of latencies in ms (may be empty)")
+    for i, ms in enumerate(spec.latency_targets_ms):
+        check_number(f"latency_targets_ms[{i}]", ms, 0, min_open=True, accepted="a positive number of ms")
+    _check_keys("latency", spec.latency, _LATENCY_KEYS)
+    for ms in spec.latency_targets_ms:
+        spec.latency_target(f"t{ms:g}ms_")  # raises naming a bad target kind or thread count
+    if any(r > 0 for r in spec.ratios) or spec.latency_targets_ms:
         if not spec.importances or not isinstance(spec.importances, list):
-            raise invalid("importances", spec.importances, "a non-empty list: ratios > 0 need a criterion")
+            accepted = "a non-empty list: ratios > 0 and latency targets need a criterion"
+            raise invalid("importances", spec.importances, accepted)
         for importance in spec.importances:
             PruningSpec(ratio=0.5, importance=importance)  # raises naming the accepted criteria
     if spec.distillation is not None:
@@ -140,12 +164,15 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     return validate_spec(SweepSpec(**doc))
 
 
-def grid(spec: SweepSpec) -> list[tuple[str, float, str | None]]:
-    """``(id, ratio, importance)`` per grid point; ratio 0 (no pruning) is one point whatever the criteria."""
-    points: list[tuple[str, float, str | None]] = []
+def grid(spec: SweepSpec) -> list[tuple[str, float | None, str | None]]:
+    """``(id, ratio, importance)`` per grid point; ratio 0 (no pruning) is one point whatever the criteria; a
+    latency point (``t<ms>ms_<imp>``) has ratio ``None``: it is searched when the point runs."""
+    points: list[tuple[str, float | None, str | None]] = []
     for ratio in spec.ratios:
         if ratio == 0:
             points.append(("dense", 0.0, None))
         else:
             points += [(f"r{ratio:g}_{imp}", float(ratio), imp) for imp in spec.importances]
+    for ms in spec.latency_targets_ms:
+        points += [(f"t{ms:g}ms_{imp}", None, imp) for imp in spec.importances]
     return points

@@ -18,9 +18,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, for type checkers
+    from pqv_lightning.export.aoti import compile_package
     from pqv_lightning.export.executorch import PteResult, export_pte, run_pte
     from pqv_lightning.export.exporter import check_output_dir, export_artifacts
     from pqv_lightning.export.formats import (
+        AOTI_PRECISIONS,
+        DEFAULT_FORMATS,
         EXECUTORCH_PRECISIONS,
         FORMATS,
         ONNX_PRECISIONS,
@@ -42,6 +45,9 @@ if TYPE_CHECKING:  # the same names, for type checkers
 
 # Each public name and the module it is imported from on first use.
 _MODULE_OF = {
+    "compile_package": "aoti",
+    "AOTI_PRECISIONS": "formats",
+    "DEFAULT_FORMATS": "formats",
     "PteResult": "executorch",
     "export_pte": "executorch",
     "run_pte": "executorch",

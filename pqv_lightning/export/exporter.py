@@ -1,9 +1,9 @@
 """Export a vision model to mobile/edge formats and verify every file in its own runtime.
 
-Formats: TorchScript (``.pt``), TorchScript lite interpreter (``.ptl``), ExecuTorch (``.pte``) and ONNX
-(``.onnx``). A file only counts as a result once it has been loaded back in its own runtime
-(:func:`~pqv_lightning.export.load_artifact`) and its outputs on every validation image have been compared with
-the eager float model (:mod:`~pqv_lightning.export.verify`). A file that fails the check is kept on disk but
+Formats: TorchScript (``.pt``), TorchScript lite interpreter (``.ptl``), ExecuTorch (``.pte``), ONNX (``.onnx``) and
+AOTInductor packages for x86 (``.pt2``). A file only counts as a result once it has been loaded back in its own
+runtime (:func:`~pqv_lightning.export.load_artifact`) and its outputs on every validation image have been compared
+with the eager float model (:mod:`~pqv_lightning.export.verify`). A file that fails the check is kept on disk but
 marked ``"failed"`` in its record, with the reason.
 """
 
@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from pqv_lightning.export.aoti import write_aoti
 from pqv_lightning.export.executorch import write_executorch, write_executorch_variant
 from pqv_lightning.export.formats import (
+    AOTI_PRECISIONS,
     EXECUTORCH_PRECISIONS,
     ONNX_PRECISIONS,
     validate_formats,
@@ -38,7 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["FLOAT_LAYER_FILES", "check_output_dir", "export_artifacts", "qat_lowerable"]
 
 #: The quantized files that can keep layers in float: ``float_layers`` keys (format-precision).
-FLOAT_LAYER_FILES = ("executorch-int8", "executorch-int8_dynamic", "executorch-int4", "onnx-int8", "onnx-int8_qdq")
+FLOAT_LAYER_FILES = (
+    "executorch-int8", "executorch-int8_dynamic", "executorch-int4", "onnx-int8", "onnx-int8_qdq", "aoti-int8",
+)  # fmt: skip
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -98,6 +102,7 @@ def export_artifacts(
     calibration: Sequence[Tensor] | None = None,
     executorch_precisions: Sequence[str] = ("fp32", "int8", "int4"),
     onnx_precisions: Sequence[str] = ("fp32", "int8"),
+    aoti_precisions: Sequence[str] = ("fp32", "int8"),
     *,
     thresholds: VerifyThresholds | None = None,
     onnx_per_channel: bool = True,
@@ -127,16 +132,21 @@ def export_artifacts(
     ``Add`` + ``LayerNormalization`` (faster on CPU). If any of that fails, the plain exported graph is quantized
     and the reason recorded (``extra["onnxruntime_optimization_failed"]``); the file is verified either way.
 
+    ``aoti`` packages (:mod:`~pqv_lightning.export.aoti`) are compiled for this machine's x86 CPU: ``fp32`` and
+    ``int8`` (PT2E x86 static, calibrated on ``calibration``, oneDNN int8 kernels).
+
     ``on_record(records)`` is called with the records so far each time one is final (verified, failed or
     skipped), e.g. to rewrite the manifest as the export goes.
     """
     fmts = validate_formats(formats)
     et_precisions = validate_precisions(executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
     ox_precisions = validate_precisions(onnx_precisions, ONNX_PRECISIONS, "onnx")
+    aoti_precisions = validate_precisions(aoti_precisions, AOTI_PRECISIONS, "aoti")
     check_example_input(example_input)
     check_val_batches(val_batches, example_input)
     needs_calibration = [f"executorch {p}" for p in et_precisions if "executorch" in fmts and p == "int8"]
     needs_calibration += [f"onnx {p}" for p in ox_precisions if "onnx" in fmts and p == "int8_qdq"]
+    needs_calibration += [f"aoti {p}" for p in aoti_precisions if "aoti" in fmts and p == "int8"]
     if needs_calibration and not calibration:
         raise invalid(
             "calibration", described(calibration), f"image batches: {', '.join(needs_calibration)} need calibration"
@@ -159,7 +169,7 @@ def export_artifacts(
         if "torchscript" in fmts or "lite" in fmts:
             write_torchscript(writer, model, fmts, [q for q in quantized if q.origin != "qat"])
         for variant in trained:
-            for fmt in [f for f in ("torchscript", "lite", "onnx") if f in fmts] + (
+            for fmt in [f for f in ("torchscript", "lite", "onnx", "aoti") if f in fmts] + (
                 [] if qat_lowerable(variant) or "executorch" not in fmts else ["executorch"]
             ):
                 writer.record(
@@ -182,6 +192,8 @@ def export_artifacts(
             write_onnx(
                 writer, model, ox_precisions, calibration, onnx_per_channel, onnx_reduce_range, onnx_optimize, ox_keep
             )
+        if "aoti" in fmts:
+            write_aoti(writer, model, aoti_precisions, calibration, keep.get("aoti-int8", ()))
     finally:
         model.train(was_training)
     return writer.records

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "AOTI_PRECISIONS",
+    "DEFAULT_FORMATS",
     "EXECUTORCH_PRECISIONS",
     "FORMATS",
     "ONNX_PRECISIONS",
@@ -29,14 +31,20 @@ __all__ = [
     "validate_precisions",
 ]
 
-FORMATS = ("torchscript", "lite", "executorch", "onnx")
-SUFFIXES = {".pt": "torchscript", ".ptl": "lite", ".pte": "executorch", ".onnx": "onnx"}
+FORMATS = ("torchscript", "lite", "executorch", "onnx", "aoti")
+#: What is exported when nothing is said: the mobile and portable formats. AOTInductor packages are compiled
+#: for the exporting machine's x86 CPU (a C++ compiler and tens of seconds a file), so they are asked for by name.
+DEFAULT_FORMATS = ("torchscript", "lite", "executorch", "onnx")
+SUFFIXES = {".pt": "torchscript", ".ptl": "lite", ".pte": "executorch", ".onnx": "onnx", ".pt2": "aoti"}
 # "int8": static pt2e (calibrated); "int8_dynamic": pt2e dynamic activations; "int4": torchao int4
 # weights (see pqv_lightning.export.executorch.export_pte).
 EXECUTORCH_PRECISIONS = ("fp32", "int8", "int8_dynamic", "int4")
 # "int8": onnxruntime dynamic quantization (no calibration) of the onnxruntime-optimized graph (see
 # pqv_lightning.export.onnx); "int8_qdq": static QDQ from calibration images.
 ONNX_PRECISIONS = ("fp32", "int8", "int8_qdq")
+# "int8": PT2E with torchao's X86InductorQuantizer (static, calibrated), lowered to oneDNN int8 kernels (see
+# pqv_lightning.export.aoti).
+AOTI_PRECISIONS = ("fp32", "int8")
 # Quantization methods whose eager module TorchScript can take (torch.ao int8, half precision). pt2e graphs
 # and torchao int4 tensor subclasses are not: their deployment formats are ExecuTorch and ONNX.
 TORCHSCRIPT_METHODS = ("fp16", "int8_dynamic", "int8_static")
@@ -54,7 +62,7 @@ def validate_precisions(values: Sequence[str], accepted: Sequence[str], what: st
 
 
 def format_of(path: str | os.PathLike) -> str:
-    """The format of a file, from its suffix (``.pt``, ``.ptl``, ``.pte``, ``.onnx``)."""
+    """The format of a file, from its suffix (``.pt``, ``.ptl``, ``.pte``, ``.onnx``, ``.pt2``)."""
     suffix = Path(path).suffix
     if suffix not in SUFFIXES:
         raise invalid("path", str(path), f"a file whose suffix names its format: {', '.join(SUFFIXES)}")

@@ -21,7 +21,9 @@ from pqv_lightning.utils.checks import check_bool, check_choice, check_int, inva
 __all__ = ["load_artifact", "prepare_runtime", "random_input"]
 
 # Each module has load(path, kind, threads, engine, ort_spinning), prepare_runtime(threads), random_input(shape).
-_MODULES = {"torchscript": "torchscript", "lite": "torchscript", "executorch": "executorch", "onnx": "onnx"}
+_MODULES = {
+    "torchscript": "torchscript", "lite": "torchscript", "executorch": "executorch", "onnx": "onnx", "aoti": "aoti",
+}  # fmt: skip
 _ENGINE_KINDS = ("torchscript", "lite")
 
 
@@ -40,11 +42,11 @@ def load_artifact(
 ) -> LoadedArtifact:
     """Load ``path`` (a file of format ``kind``) in its own runtime.
 
-    ``threads`` fixes the runtime's thread count: torch intra-op threads (TorchScript, lite), the ExecuTorch
-    XNNPACK threadpool (both process-global), onnxruntime ``intra_op_num_threads`` per session with inter-op 1
-    and idle workers not spinning (``ort_spinning=True`` keeps onnxruntime's default, spinning); ``None`` leaves
-    every runtime at its own default. ``engine`` is the ``torch.backends.quantized`` engine a torch.ao INT8
-    TorchScript/lite file was packed for (e.g. ``x86``).
+    ``threads`` fixes the runtime's thread count: torch intra-op threads (TorchScript, lite), the ExecuTorch XNNPACK
+    threadpool (both process-global; torch's threads also run AOTInductor packages), onnxruntime
+    ``intra_op_num_threads`` per session with inter-op 1 and idle workers not spinning (``ort_spinning=True`` keeps
+    onnxruntime's default, spinning); ``None`` leaves every runtime at its own default. ``engine`` is the
+    ``torch.backends.quantized`` engine a torch.ao INT8 TorchScript/lite file was packed for (e.g. ``x86``).
     """
     module = _module(kind)
     check_int("threads", threads, 1, allow_none=True)

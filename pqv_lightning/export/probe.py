@@ -39,6 +39,7 @@ __all__ = [
     "memory_command",
     "read_peak",
     "serve_command",
+    "serve_requests",
 ]
 
 PEAK_TAG, READY_TAG, TIMING_TAG = "PQV_PEAK_RSS", "PQV_READY", "PQV_TIMING"
@@ -128,10 +129,15 @@ def _memory(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    run = _bound_call(args)
-    for _ in range(args.warmup):
+    serve_requests(_bound_call(args), args.warmup)
+
+
+def serve_requests(run: Callable[[], Any], warmup: int, ready: str = "") -> None:
+    """The timing worker's protocol: ``warmup`` calls, the ready line (``ready`` after the tag), then for each
+    line ``n`` on stdin one untimed and ``n`` timed calls, answered with their wall-clock and CPU milliseconds."""
+    for _ in range(warmup):
         run()
-    print(READY_TAG, flush=True)
+    print(f"{READY_TAG} {ready}".rstrip(), flush=True)
     for line in sys.stdin:
         runs = int(line)
         run()

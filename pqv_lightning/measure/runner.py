@@ -24,12 +24,12 @@ from pqv_lightning.utils.checks import check_choice, check_int, invalid
 
 __all__ = ["FILE_KINDS", "KINDS", "Runner", "kind_of", "make_runner"]
 
-KINDS = ("eager", "torchscript", "lite", "onnx", "executorch")
+KINDS = ("eager", "torchscript", "lite", "onnx", "executorch", "aoti")
 FILE_KINDS = KINDS[1:]
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """Artifact kind from a file suffix (``.pt``, ``.ptl``, ``.onnx``, ``.pte``)."""
+    """Artifact kind from a file suffix (``.pt``, ``.ptl``, ``.onnx``, ``.pte``, ``.pt2``)."""
     return format_of(path)
 
 

@@ -1,6 +1,6 @@
 """Structured pruning engine (plain PyTorch + torch-pruning): prune, record, replay."""
 
-from .engine import apply_structure, check_budget, check_supported, count_macs_params, prune
+from .engine import apply_structure, check_budget, check_supported, count_macs_params, largest_ratio, prune
 from .families import FAMILIES
 from .spec import IMPORTANCES, PruningResult, PruningSpec, UnsupportedModelError
 
@@ -14,5 +14,6 @@ __all__ = [
     "check_budget",
     "check_supported",
     "count_macs_params",
+    "largest_ratio",
     "prune",
 ]

@@ -323,6 +323,11 @@ def _largest_ratio(model: nn.Module, family: Family, spec: PruningSpec) -> float
     return max(hi, 0.0)
 
 
+def largest_ratio(model: nn.Module, spec: PruningSpec) -> float:
+    """The largest ``ratio`` this model can be pruned by with ``spec``'s settings (each group keeps a channel)."""
+    return _largest_ratio(model, check_supported(model, spec), spec)
+
+
 def _unreachable(spec: PruningSpec, ratio: float, reached: int) -> ValueError:
     metric, target = _budget(spec)
     return ValueError(

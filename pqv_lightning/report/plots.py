@@ -34,6 +34,7 @@ _RUNTIME_COLORS = {
     "lite": "#937860",
     "onnx": "#55a868",
     "executorch": "#c44e52",
+    "aoti": "#8172b3",
 }
 _NETWORK_MARKERS = {"dense": "s", "pruned": "o", "float": "o"}
 _MIB = 2**20

@@ -9,7 +9,9 @@ latency vs top-1 (nothing else is both faster and at least as accurate) are mark
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -185,7 +187,7 @@ def measure_tradeoffs(
         batch_runners: dict[int, Any] = {}
         for i in runners:
             point = points[i]
-            if point.runtime == "executorch":
+            if point.runtime in ("executorch", "aoti"):
                 point.batch_note = "fixed-shape program (exported at batch 1)"
                 continue
             source = eager_modules[i] if i in eager_modules else files[i].path
@@ -206,15 +208,24 @@ def measure_tradeoffs(
     del runners
 
     if memory:
-        baselines: dict[str, int] = {}
-        for i, rec in files.items():
-            try:
-                if rec.format not in baselines:
-                    baselines[rec.format] = runtime_baseline_memory(rec.format, rec.input_shape, threads)
-                points[i].runtime_rss_bytes = baselines[rec.format]
-                points[i].peak_rss_bytes = peak_memory(rec.path, rec.format, rec.input_shape, threads, 3, rec.engine)
-            except Exception as err:
-                points[i].extra["memory_error"] = f"{type(err).__name__}: {err}"[:300]
+        _measure_memory(points, files, threads)
     for point, on_front in zip(points, pareto_front(points), strict=True):
         point.pareto = on_front
     return points
+
+
+def _measure_memory(points: list[TradeoffPoint], files: dict[int, ArtifactRecord], threads: int) -> None:
+    """Peak RSS of every file and of each runtime's bare process, one fresh process each. Their peaks do not
+    depend on each other, so as many run at once as there are cores (each at ``threads`` threads): latency was
+    timed before, on a quiet machine."""
+    baselines = {rec.format: rec.input_shape for rec in files.values()}
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // threads)) as pool:
+        bare = {kind: pool.submit(runtime_baseline_memory, kind, shape, threads) for kind, shape in baselines.items()}
+        peaks = {i: pool.submit(peak_memory, rec.path, rec.format, rec.input_shape, threads, 3, rec.engine)
+                 for i, rec in files.items()}  # fmt: skip
+        for i, rec in files.items():
+            try:
+                points[i].runtime_rss_bytes = bare[rec.format].result()
+                points[i].peak_rss_bytes = peaks[i].result()
+            except Exception as err:
+                points[i].extra["memory_error"] = f"{type(err).__name__}: {err}"[:300]
