@@ -3,17 +3,19 @@
 MACs are a poor proxy for the time a file takes (the same MACs run at very different speeds in different runtimes
 and widths), so the ratio is searched by doing what the deployment will do: prune a copy at a candidate ratio,
 export it to the chosen artifact kind (``"onnx-int8"``, ``"executorch-int8"``, ``"aoti-int8"``, ``"eager"``, ...),
-load it in its own runtime at ``threads`` threads and time it with the statistics of the trade-off report (median
-of ``runs`` calls after ``warmup``). Bisection on the ratio, every measured ratio cached, so the callback that
-resumes or a sweep that asks again does not re-measure. Widths, and so latency, do not depend on which channels
-go: the trials rank channels by magnitude (no data needed) and the real pruning later uses its own criterion at the
-ratio found. Lightning-free; :class:`pqv_lightning.callbacks.StructuredPruning` uses it with ``target_latency_ms``.
+load it in its own runtime in a fresh process at ``threads`` threads (as it will run: a training process's thread
+pools slow a small model timed beside them) and take the median of ``runs`` calls after ``warmup``. Bisection on the
+ratio, every measured ratio cached, so the callback that resumes or a sweep that asks again does not re-measure.
+Widths, and so latency, do not depend on which channels go: the trials rank channels by magnitude (no data needed)
+and the real pruning later uses its own criterion at the ratio found. Lightning-free;
+:class:`pqv_lightning.callbacks.StructuredPruning` uses it with ``target_latency_ms``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +40,7 @@ LATENCY_ARTIFACTS = (
     "torchscript-fp32",
 )
 _SEARCH_STEPS = 6  # bisection steps after the two ends: the ratio to within 1/64 of its range
-_RATIO_DIGITS = 4  # measured ratios are cached rounded to this many digits
+_RATIO_DIGITS = 4  # measured ratios are cached rounded down to this many digits
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def measure_pruned_latency(
 ) -> float:
     """Median latency (ms) of ``model`` pruned by ``ratio`` (a copy; magnitude ranking) as ``target.artifact``."""
     from pqv_lightning.export import export_artifacts
-    from pqv_lightning.measure import make_runner, measure_latency
+    from pqv_lightning.measure import fresh_process_latency, make_runner, measure_latency
 
     x = example_input.detach().float().cpu().contiguous()
     clone = copy.deepcopy(model).cpu().float().eval()
@@ -125,8 +127,10 @@ def measure_pruned_latency(
             ]  # fmt: skip
             if record.path is None:
                 raise RuntimeError(f"{target.artifact} of the model pruned by {ratio:.4g} failed: {record.reason}")
-            runner = make_runner(record.path, fmt, x, target.threads, record.engine)
-            return measure_latency(runner, target.warmup, target.runs).median_ms
+            stats = fresh_process_latency(
+                record.path, fmt, list(x.shape), target.threads, target.warmup, target.runs, record.engine
+            )
+            return stats.median_ms
     finally:
         torch.set_num_threads(previous)  # timing fixed the process's threads; training goes on with its own
 
@@ -153,15 +157,19 @@ def search_ratio(
         lambda r: measure_pruned_latency(model, spec, r, example_input, target, calibration)
     )  # fmt: skip
 
+    def key_of(ratio: float) -> float:
+        # rounded down: the largest ratio keeps one channel of its narrowest group only if not rounded up
+        return math.floor(ratio * 10**_RATIO_DIGITS) / 10**_RATIO_DIGITS
+
     def ms(ratio: float) -> float:
-        key = round(ratio, _RATIO_DIGITS)
+        key = key_of(ratio)
         if key not in cache:
             cache[key] = float(measure(key))
             log.info("latency search: ratio %.4g -> %.3f ms (%s)", key, cache[key], target.describe())
         return cache[key]
 
     def found(ratio: float) -> LatencySearch:
-        return LatencySearch(round(ratio, _RATIO_DIGITS), ms(ratio), target, dict(cache))
+        return LatencySearch(key_of(ratio), ms(ratio), target, dict(cache))
 
     if ms(0.0) <= target.target_ms:
         return found(0.0)

@@ -130,3 +130,15 @@ def test_an_unreachable_latency_is_refused_before_the_first_training_step(
         with pytest.raises(ValueError, match=r"target_latency_ms=0\.5 is unreachable for eager"):
             _trainer(tmp_path, max_epochs=2, callbacks=[pruning, Steps()]).fit(module, datamodule=digits)
     assert steps == []
+
+
+def test_the_most_pruned_trial_keeps_a_channel_of_the_narrowest_group() -> None:
+    # head_dim 64: the largest ratio is 63/64 = 0.984375; a trial ratio rounded *up* to 0.9844 would keep
+    # 64 * 0.0156 < 1 channel and the prune would refuse it (seen on the quickstart ViT)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                              in_chans=1, depth=1, embed_dim=192, num_heads=3).eval()  # fmt: skip
+    spec = PruningSpec(ratio=0.0)
+    assert largest_ratio(model, spec) == pytest.approx(63 / 64)
+    target = LatencyTarget(1e-6, "eager", warmup=0, runs=1)
+    with pytest.raises(ValueError, match=r"unreachable .* \(ratio 0\.9844\) runs in"):
+        search_ratio(model, spec, torch.randn(1, 1, 16, 16), target)  # measured for real, at both ends
