@@ -192,12 +192,9 @@ class StructuredPruning(ShapeChangingCallback):
         super().load_state_dict(state_dict)
         stored = state_dict.get("latency_search")
         if self.latency is not None and stored and self.latency_search is None:
-            target = LatencyTarget(*(stored[k] for k in ("target_ms", "artifact", "threads", "warmup", "runs")))
-            if target == self.latency:  # the same target: its measurements and choice hold
-                trials = {float(r): float(ms) for r, ms in stored["trials"]}
-                self._latency_trials.update(trials)
-                self.latency_search = LatencySearch(stored["ratio"], stored["latency_ms"], target, trials)
-                self.spec = replace(self.spec, ratio=stored["ratio"])
+            search = LatencySearch.from_dict(stored)
+            if search.target == self.latency:  # the same target: its measurements and choice hold
+                self._adopt(search)
 
     @override
     def restore_before_weights_load(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -244,30 +241,31 @@ class StructuredPruning(ShapeChangingCallback):
     def _search_latency(self, trainer: pl.Trainer) -> None:
         """The ratio for ``target_latency_ms``, found on rank 0 by timing pruned copies (the others wait) and
         broadcast; refuses an unreachable target before any training step."""
-        latency = self.latency
-        example = None
+        outcome: dict[str, Any] | str | None = None
         if trainer.is_global_zero:
-            batches = take_batches(train_loader(trainer), 1, torch.device("cpu"))
-            example = batches[0][0][:1].float()
-            calibration = [batches[0][0][i : i + 1].float() for i in range(min(8, batches[0][0].shape[0]))]
+            images = take_batches(train_loader(trainer), 1, torch.device("cpu"))[0][0].float()
+            calibration = [images[i : i + 1] for i in range(min(8, images.shape[0]))]
             try:
-                found = search_ratio(self._model, self.spec, example, latency, calibration, trials=self._latency_trials)
-                outcome: dict[str, Any] | str = found.as_dict()
+                found = search_ratio(self._model, self.spec, images[:1], self.latency, calibration,
+                                     trials=self._latency_trials)  # fmt: skip
+                outcome = found.as_dict()
             except ValueError as err:
                 outcome = str(err)
-        else:
-            outcome = None
         outcome = trainer.strategy.broadcast(outcome, src=0)
         if isinstance(outcome, str):
             raise ValueError(outcome)
-        trials = {float(r): float(ms) for r, ms in outcome["trials"]}
-        self.latency_search = LatencySearch(outcome["ratio"], outcome["latency_ms"], latency, trials)
-        self.spec = replace(self.spec, ratio=outcome["ratio"])
-        if trainer.is_global_zero:
-            rank_zero_info(
-                f"StructuredPruning: target {latency.target_ms:g} ms for {latency.describe()}: ratio "
-                f"{outcome['ratio']:.4g} measured {outcome['latency_ms']:.3f} ms ({len(trials)} trials)"
-            )
+        search = self._adopt(LatencySearch.from_dict(outcome))
+        rank_zero_info(
+            f"StructuredPruning: target {search.target.target_ms:g} ms for {search.target.describe()}: ratio "
+            f"{search.ratio:.4g} measured {search.latency_ms:.3f} ms ({len(search.trials)} trials)"
+        )
+
+    def _adopt(self, search: LatencySearch) -> LatencySearch:
+        """Prune at ``search``'s ratio from now on; its trials join the cache."""
+        self._latency_trials.update(search.trials)
+        self.latency_search = search
+        self.spec = replace(self.spec, ratio=search.ratio)
+        return search
 
     def _prune(self, trainer: pl.Trainer, dense: torch.nn.Module, retain: bool = False) -> PruningResult:
         """Publish ``dense`` (the model as it is now), then prune the model on every rank alike."""

@@ -18,7 +18,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,9 @@ from pqv_lightning.export.formats import AOTI_PRECISIONS, EXECUTORCH_PRECISIONS,
 from pqv_lightning.pruning import PruningSpec, largest_ratio, prune
 from pqv_lightning.utils.checks import check_choice, check_int, check_number, invalid
 
-__all__ = ["LATENCY_ARTIFACTS", "LatencySearch", "LatencyTarget", "measure_pruned_latency", "search_ratio"]
+__all__ = [
+    "LATENCY_ARTIFACTS", "LatencySearch", "LatencyTarget", "measure_pruned_latency", "search_ratio", "trials_of",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,17 @@ class LatencySearch:
             "latency_ms": self.latency_ms,
             "trials": [[r, ms] for r, ms in sorted(self.trials.items())],
         }
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> LatencySearch:
+        """The search :meth:`as_dict` wrote (a checkpoint's state, a rank-0 broadcast)."""
+        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget)})
+        return cls(doc["ratio"], doc["latency_ms"], target, trials_of(doc["trials"]))
+
+
+def trials_of(pairs: Sequence[Sequence[float]]) -> dict[float, float]:
+    """``[[ratio, ms], ...]`` (as stored in JSON) as the ``{ratio: ms}`` cache :func:`search_ratio` takes."""
+    return {float(r): float(ms) for r, ms in pairs}
 
 
 def measure_pruned_latency(

@@ -39,7 +39,7 @@ from pqv_lightning.apps.sweep_summary import SWEEP_PLOTS, summarize
 from pqv_lightning.apps.trainers import quiet_trainer
 from pqv_lightning.checkpoint import CheckpointError, read_checkpoint, set_structure
 from pqv_lightning.distillation import Distiller, attach_distiller, detach_distiller, frozen_copy
-from pqv_lightning.latency_search import LatencyTarget, search_ratio
+from pqv_lightning.latency_search import LatencyTarget, search_ratio, trials_of
 from pqv_lightning.pipeline import run_pipeline
 from pqv_lightning.pruning import PruningSpec, prune
 from pqv_lightning.utils.batches import split_batch
@@ -129,7 +129,7 @@ def _search_latency(spec: SweepSpec, module: Any, data: Any, latency: LatencyTar
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     except (OSError, ValueError):  # a damaged cache only costs measurements
         cache = {}
-    trials = {float(r): float(ms) for r, ms in cache.get(key, [])}
+    trials = trials_of(cache.get(key, []))
     x = split_batch(next(iter(data.train_dataloader())))[0]
     calibration = [x[i : i + 1] for i in range(min(8, x.shape[0]))]
     search = search_ratio(module.model, PruningSpec(ratio=0.0, importance=importance), x[:1], latency, calibration,

@@ -141,8 +141,7 @@ def _inspect(package: Path, precision: str) -> dict:
             f"the int8 package calls no quantized kernels (only {', '.join(kernels) or 'none'}): Inductor did not "
             "lower the quantized layers and would compute in fp32"
         )
-    facts = {"kernels": kernels, "int8_kernels": int8, "vec_isa": str(pick_vec_isa() or "none")}
-    return facts
+    return {"kernels": kernels, "int8_kernels": int8, "vec_isa": str(pick_vec_isa() or "none")}
 
 
 def kernel_counts(path: str | Path) -> dict[str, int]:
