@@ -3,7 +3,8 @@
 For each model, a Lightning fit with ``StructuredPruning(ratio=None, target_latency_ms=T, latency_target=KIND,
 threads=N)`` (the ratio searched before training by exporting and timing pruned copies) and ``MobileExport``
 writing that kind of file; after the fit the exported file is loaded in its own runtime in a fresh process and
-timed again (median of ``--runs`` calls at ``N`` threads, as the search times its candidates), and compared with
+timed again (``--runs`` calls at ``N`` threads in ``--rounds`` batches, the quietest batch's median, as the search
+times its candidates), and compared with
 ``T``:
 
 * ``digits``: the quickstart ViT (configs/quickstart.yaml's model and data), ``--digits-epochs`` epochs, pruned
@@ -77,7 +78,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     module, data, pruning_args = model_and_data(name)
     data.setup("fit")
     x = next(iter(data.train_dataloader()))[0][:1].float()
-    probe = LatencyTarget(1.0, args.kind, threads, warmup=args.warmup, runs=args.runs)
+    probe = LatencyTarget(1.0, args.kind, threads, warmup=args.warmup, runs=args.runs, rounds=args.rounds)
     dense_ms = measure_pruned_latency(module.model, PruningSpec(ratio=0.0), 0.0, x, probe)
     target = args.target_ms if args.target_ms is not None else args.fraction * dense_ms
     epochs = args.digits_epochs if name == "digits" else 1
@@ -98,7 +99,9 @@ def run(name: str, args: argparse.Namespace) -> dict:
     (record,) = [r for r in export.records if r.name == args.kind]
     if record.status != "ok":
         raise RuntimeError(f"{name}: the {args.kind} file did not verify: {record.reason}")
-    shipped = fresh_process_latency(record.path, fmt, list(x.shape), threads, args.warmup, args.runs).median_ms
+    shipped = fresh_process_latency(
+        record.path, fmt, list(x.shape), threads, args.warmup, args.runs, rounds=args.rounds
+    ).median_ms
     search = pruning.latency_search
     return {
         "model": name, "threads": threads, "dense_ms": dense_ms, "target_ms": target, "ratio": search.ratio,
@@ -122,6 +125,7 @@ def main() -> int:
     parser.add_argument("--digits-epochs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="batches of the runs; the quietest one's median counts")
     args = parser.parse_args()
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")

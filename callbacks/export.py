@@ -35,7 +35,9 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
     TorchScript and lite take the float model and the torch.ao / fp16 variants; ExecuTorch and ONNX quantize the
     float model themselves to ``executorch_precisions`` / ``onnx_precisions``, keeping ``float_layers`` (or the
     float layers the matching :class:`Quantization` target chose) in float. A :class:`QuantizationAwareTraining`
-    variant gets its own ``.pte``, verified against the variant.
+    variant gets its own ``.pte``, verified against the variant. ``executorch_attention="fp16"`` runs the attention
+    products of every ``.pte`` in fp16 (native on phones with fp16 arithmetic; the manifest records how the float
+    model with fp16 attention agrees with the float model).
 
     ``output_dir`` defaults to ``<trainer.log_dir>/artifacts``.
     """
@@ -56,10 +58,12 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
         weights: str | None = None,
         float_layers: Sequence[str] = (),
         aoti_precisions: Sequence[str] = ("fp32", "int8"),
+        executorch_attention: str = "fp32",
     ) -> None:
         config = ExportConfig(
             formats, output_dir, executorch_precisions, onnx_precisions, val_batches, batch_size,
             calibration_batches, calibration_split, prefix, tuple(float_layers), tuple(aoti_precisions),
+            executorch_attention,
         )  # fmt: skip
         super().__init__(config, model_attribute, on_failure, weights)
 

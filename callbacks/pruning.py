@@ -19,6 +19,7 @@ from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure
 from pqv_lightning.latency_search import LatencySearch, LatencyTarget, search_ratio
 from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_budget, check_supported, prune
+from pqv_lightning.pruning.widths import resolve_round_to
 from pqv_lightning.utils.checks import check_callable, check_int
 
 __all__ = ["StructuredPruning"]
@@ -57,7 +58,9 @@ class StructuredPruning(ShapeChangingCallback):
         bottleneck: prune only inside attention and MLP blocks, keeping the embedding width.
         prune_heads: remove whole attention heads instead of head dimensions.
         ignored_layers: module names (of the timm model) to leave alone; the classifier always is.
-        round_to: round kept channel counts to a multiple (hardware-friendly widths).
+        round_to: round kept channel counts down to a multiple (hardware-friendly widths); ``"auto"``: the multiple
+            the int8 kernels of ``latency_target`` run fastest (:func:`pqv_lightning.pruning.widths.kernel_multiple`,
+            measured by ``benchmarks/width_tiles.py``).
         target_macs: prune until the model has at most this many MACs (the ratio is searched).
         target_params: prune until the model has at most this many parameters.
         calibration_batches: training batches whose gradients score channels for Taylor / Hessian.
@@ -86,7 +89,7 @@ class StructuredPruning(ShapeChangingCallback):
         bottleneck: bool = False,
         prune_heads: bool = False,
         ignored_layers: list[str] | None = None,
-        round_to: int | None = None,
+        round_to: int | str | None = None,
         target_macs: float | None = None,
         target_params: float | None = None,
         calibration_batches: int = 10,
@@ -117,7 +120,7 @@ class StructuredPruning(ShapeChangingCallback):
             bottleneck=bottleneck,
             prune_heads=prune_heads,
             ignored_layers=tuple(ignored_layers or ()),
-            round_to=round_to,
+            round_to=resolve_round_to(round_to, latency_target),
             target_macs=target_macs,
             target_params=target_params,
             calibration_batches=calibration_batches,

@@ -48,13 +48,15 @@ _RATIO_DIGITS = 4  # measured ratios are cached rounded down to this many digits
 @dataclass(frozen=True)
 class LatencyTarget:
     """A latency to prune to: ``target_ms`` for one call of ``artifact`` at the example input's batch, with the
-    runtime at ``threads`` threads (median of ``runs`` calls after ``warmup``)."""
+    runtime at ``threads`` threads: after ``warmup`` calls, ``runs`` calls in ``rounds`` batches (at most ``runs``),
+    the median of the quietest batch (one slow spell of a shared machine does not misdirect the bisection)."""
 
     target_ms: float
     artifact: str = "onnx-int8"
     threads: int = 1
     warmup: int = 5
     runs: int = 30
+    rounds: int = 3
 
     def __post_init__(self) -> None:
         check_number("target_latency_ms", self.target_ms, 0, min_open=True, accepted="a positive number of ms")
@@ -62,6 +64,7 @@ class LatencyTarget:
         check_int("threads", self.threads, 1)
         check_int("warmup", self.warmup, 0)
         check_int("runs", self.runs, 1)
+        check_int("rounds", self.rounds, 1)
 
     @property
     def format(self) -> str:
@@ -96,7 +99,8 @@ class LatencySearch:
     @classmethod
     def from_dict(cls, doc: dict) -> LatencySearch:
         """The search :meth:`as_dict` wrote (a checkpoint's state, a rank-0 broadcast)."""
-        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget)})
+        # a key missing from an older checkpoint's search takes its default
+        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget) if f.name in doc})
         return cls(doc["ratio"], doc["latency_ms"], target, trials_of(doc["trials"]))
 
 
@@ -141,7 +145,14 @@ def measure_pruned_latency(
             if record.path is None:
                 raise RuntimeError(f"{target.artifact} of the model pruned by {ratio:.4g} failed: {record.reason}")
             stats = fresh_process_latency(
-                record.path, fmt, list(x.shape), target.threads, target.warmup, target.runs, record.engine
+                record.path,
+                fmt,
+                list(x.shape),
+                target.threads,
+                target.warmup,
+                target.runs,
+                record.engine,
+                rounds=min(target.rounds, target.runs),
             )
             return stats.median_ms
     finally:

@@ -31,6 +31,7 @@ from pqv_lightning.export import (
     EXECUTORCH_PRECISIONS,
     ONNX_PRECISIONS,
     ArtifactRecord,
+    check_attention,
     export_artifacts,
     validate_formats,
     validate_precisions,
@@ -169,6 +170,8 @@ class ExportConfig:
             for executorch int8, ``int4_weight`` for int4, ``int8_dynamic`` for onnx int8, ``int8_static`` for
             onnx int8_qdq, ``int8_pt2e:x86`` for aoti int8), else none.
         aoti_precisions: ``"fp32"``, ``"int8"`` (PT2E x86, static, calibrated; oneDNN int8 kernels).
+        executorch_attention: ``"fp32"`` or ``"fp16"``: the dtype of the attention products and softmax in every
+            ``.pte`` (fp16 runs natively where the CPU has fp16 arithmetic: ARMv8.2 phones, AVX512-FP16).
     """
 
     formats: tuple[str, ...] = DEFAULT_FORMATS
@@ -182,6 +185,7 @@ class ExportConfig:
     prefix: str = "model_"
     float_layers: tuple[str, ...] = ()
     aoti_precisions: tuple[str, ...] = ("fp32", "int8")
+    executorch_attention: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_layers", MixedPrecision(tuple(self.float_layers)).float_layers)
@@ -192,6 +196,8 @@ class ExportConfig:
         object.__setattr__(self, "onnx_precisions", onnx)
         aoti = validate_precisions(self.aoti_precisions, AOTI_PRECISIONS, "aoti")
         object.__setattr__(self, "aoti_precisions", aoti)
+        et_asked = self.executorch_precisions if "executorch" in self.formats else ()
+        check_attention(self.executorch_attention, et_asked, "executorch_attention")
         object.__setattr__(self, "output_dir", _check_output_dir(self.output_dir))
         check_int("val_batches", self.val_batches, 1, allow_none=True)
         check_int("batch_size", self.batch_size, 1)
@@ -214,12 +220,22 @@ class ExportConfig:
             "executorch_precisions": self.executorch_precisions,
             "onnx_precisions": self.onnx_precisions,
             "aoti_precisions": self.aoti_precisions,
+            "executorch_attention": self.executorch_attention,
             "prefix": self.prefix,
         }
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise before any work when a float layer matches nothing in ``model``."""
+        """Raise before any work when a float layer matches nothing in ``model``, or when fp16 attention is asked
+        of a model without attention blocks the ``.pte`` rewrite knows."""
         resolve_float_layers(model, self.float_layers, "int8_pt2e")
+        if self.executorch_attention != "fp32" and "executorch" in self.formats and self.executorch_precisions:
+            from pqv_lightning.export.xnnpack_rewrites import attention_blocks
+
+            if attention_blocks(model) == 0:
+                raise invalid(
+                    "executorch_attention", self.executorch_attention,
+                    f"'fp32' for {type(model).__name__}: it has no timm Attention block to run in fp16",
+                )  # fmt: skip
 
     @property
     def needs_calibration(self) -> bool:
@@ -366,6 +382,7 @@ def export_stage(
         executorch_precisions=list(config.executorch_precisions),
         onnx_precisions=list(config.onnx_precisions),
         aoti_precisions=list(config.aoti_precisions),
+        executorch_attention=config.executorch_attention,
         batch_size=batch_size,
         verified_on_images=sum(int(labels.shape[0]) for _, labels in val_batches),
         quantized_variants=[q.name for q in variants],
@@ -614,6 +631,12 @@ def _report_stage(
     }
     keys = ("pruning", "distillation", "quantization_aware_training", "weights", "note")
     report_meta.update({k: context[k] for k in keys if context.get(k)})
+    half = [r.name for r in result.export.records if r.extra.get("attention") == "fp16"]
+    if half:
+        report_meta["attention"] = (
+            f"{', '.join(half)} compute their attention products in fp16 where the CPU has fp16 arithmetic, in fp32 "
+            "elsewhere (the accuracy of the eager model with fp16 attention is in the manifest: extra.attention_eager)"
+        )
     if result.profile_error:
         report_meta["operator_profile_error"] = result.profile_error
     result.report_files = write_report(

@@ -12,7 +12,7 @@ from pqv_lightning import ViTClassifier
 from pqv_lightning import latency_search as ls
 from pqv_lightning.callbacks import StructuredPruning
 from pqv_lightning.checkpoint import current_structure
-from pqv_lightning.latency_search import LatencyTarget, measure_pruned_latency, search_ratio
+from pqv_lightning.latency_search import LatencySearch, LatencyTarget, measure_pruned_latency, search_ratio
 from pqv_lightning.pruning import PruningSpec, count_macs_params, largest_ratio
 from pqv_lightning.utils.checks import InvalidArgumentError
 
@@ -142,3 +142,11 @@ def test_the_most_pruned_trial_keeps_a_channel_of_the_narrowest_group() -> None:
     target = LatencyTarget(1e-6, "eager", warmup=0, runs=1)
     with pytest.raises(ValueError, match=r"unreachable .* \(ratio 0\.9844\) runs in"):
         search_ratio(model, spec, torch.randn(1, 1, 16, 16), target)  # measured for real, at both ends
+
+
+def test_a_search_saved_before_rounds_existed_reads_back_with_the_default() -> None:
+    saved = LatencySearch(0.25, 3.0, LatencyTarget(4.0, "onnx-int8"), {0.0: 5.0, 0.25: 3.0}).as_dict()
+    del saved["rounds"]
+    restored = LatencySearch.from_dict(saved)
+    assert restored.target.rounds == LatencyTarget(4.0).rounds
+    assert (restored.ratio, restored.trials) == (0.25, {0.0: 5.0, 0.25: 3.0})

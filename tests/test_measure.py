@@ -193,3 +193,13 @@ def test_cpu_info_reads_model_flags_and_vnni():
     fake = CpuInfo("Test CPU", frozenset({"avx2", "avx512_vnni"}), 4)
     assert fake.vnni and "avx512_vnni=yes" in fake.isa() and "amx_int8=no" in fake.isa()
     assert not CpuInfo("Old CPU", frozenset({"avx2"}), 2).vnni
+
+
+def test_fresh_process_latency_returns_the_quietest_of_its_rounds(records):
+    from pqv_lightning.measure import fresh_process_latency
+
+    path = records["onnx-fp32"].path
+    stats = fresh_process_latency(path, "onnx", [1, 3, 32, 32], threads=1, warmup=1, runs=9, rounds=3)
+    assert stats.runs == 3 and stats.median_ms > 0
+    with pytest.raises(ValueError, match=r"rounds=4 is invalid; accepted: an int in \[1, runs\] = \[1, 3\]"):
+        fresh_process_latency(path, "onnx", [1, 3, 32, 32], runs=3, rounds=4)

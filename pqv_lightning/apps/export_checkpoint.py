@@ -24,6 +24,7 @@ import torch
 from pqv_lightning.checkpoint import CheckpointError, ClassifierCheckpoint, load_classifier_checkpoint
 from pqv_lightning.export import (
     AOTI_PRECISIONS,
+    ATTENTION_PRECISIONS,
     DEFAULT_FORMATS,
     EXECUTORCH_PRECISIONS,
     FORMATS,
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aoti-precisions", nargs="+", default=["fp32", "int8"], help=f"any of {', '.join(AOTI_PRECISIONS)}"
     )
+    parser.add_argument(
+        "--executorch-attention", default="fp32",
+        help=f"dtype of the attention products in every .pte: {' or '.join(ATTENTION_PRECISIONS)} (fp16 runs "
+        "natively on CPUs with fp16 arithmetic)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported files")
     parser.add_argument("--val-batches", type=int, default=None, help="validation batches to verify on (all)")
     parser.add_argument("--calibration-batches", type=int, default=8, help="batches for calibrated methods")
@@ -142,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             executorch_precisions=_split_list(args.executorch_precisions),
             onnx_precisions=_split_list(args.onnx_precisions),
             aoti_precisions=_split_list(args.aoti_precisions),
+            executorch_attention=args.executorch_attention,
             val_batches=check_int("--val-batches", args.val_batches, 1, allow_none=True),
             batch_size=args.batch_size,
             calibration_batches=check_int("--calibration-batches", args.calibration_batches, 0),

@@ -35,8 +35,8 @@ SPEC_KEYS = (
     "latency_targets_ms",
     "latency",
 )
-_LATENCY_KEYS = ("target", "threads", "warmup", "runs")
-_EXPORT_KEYS = ("formats", "executorch_precisions", "onnx_precisions", "aoti_precisions")
+_LATENCY_KEYS = ("target", "threads", "warmup", "runs", "rounds")
+_EXPORT_KEYS = ("formats", "executorch_precisions", "onnx_precisions", "aoti_precisions", "executorch_attention")
 _REPORT_KEYS = ("threads", "warmup", "runs", "batch", "memory")
 _DISTILLATION_KEYS = ("mode", "temperature", "alpha")
 

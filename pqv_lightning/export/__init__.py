@@ -8,7 +8,8 @@ Modules: :mod:`~.formats` (names, suffixes, precisions), :mod:`~.loader` (:func:
 :mod:`~.exporter` (:func:`export_artifacts`), :mod:`~.writer` and :mod:`~.verify` (one file written, reloaded
 and checked), :mod:`~.manifest`, one module per format (:mod:`~.torchscript`, :mod:`~.executorch`,
 :mod:`~.onnx`, and :mod:`~.eager` for in-process modules), the graph rewrites (:mod:`~.xnnpack_rewrites`,
-:mod:`~.onnxruntime_rewrites`, :mod:`~.patchify`), :mod:`~.inputs` (tensor argument checks) and :mod:`~.probe`.
+:mod:`~.onnxruntime_rewrites`, :mod:`~.patchify`), :mod:`~.xnnpack_casts` (fp32 <-> fp16 casts inside the
+XNNPACK delegate), :mod:`~.inputs` (tensor argument checks) and :mod:`~.probe`.
 """
 
 # ruff: noqa: F401  (the TYPE_CHECKING imports are the re-exports that __getattr__ makes at run time)
@@ -23,13 +24,16 @@ if TYPE_CHECKING:  # the same names, for type checkers
     from pqv_lightning.export.exporter import check_output_dir, export_artifacts
     from pqv_lightning.export.formats import (
         AOTI_PRECISIONS,
+        ATTENTION_PRECISIONS,
         DEFAULT_FORMATS,
         EXECUTORCH_PRECISIONS,
         FORMATS,
+        FP16_ATTENTION_PRECISIONS,
         ONNX_PRECISIONS,
         SUFFIXES,
         TORCHSCRIPT_METHODS,
         LoadedArtifact,
+        check_attention,
         format_of,
         validate_formats,
         validate_precisions,
@@ -47,6 +51,7 @@ if TYPE_CHECKING:  # the same names, for type checkers
 _MODULE_OF = {
     "compile_package": "aoti",
     "AOTI_PRECISIONS": "formats",
+    "ATTENTION_PRECISIONS": "formats",
     "DEFAULT_FORMATS": "formats",
     "PteResult": "executorch",
     "export_pte": "executorch",
@@ -55,10 +60,12 @@ _MODULE_OF = {
     "export_artifacts": "exporter",
     "EXECUTORCH_PRECISIONS": "formats",
     "FORMATS": "formats",
+    "FP16_ATTENTION_PRECISIONS": "formats",
     "ONNX_PRECISIONS": "formats",
     "SUFFIXES": "formats",
     "TORCHSCRIPT_METHODS": "formats",
     "LoadedArtifact": "formats",
+    "check_attention": "formats",
     "format_of": "formats",
     "validate_formats": "formats",
     "validate_precisions": "formats",

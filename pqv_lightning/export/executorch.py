@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.eager import random_tensor, set_torch_threads
-from pqv_lightning.export.formats import EXECUTORCH_PRECISIONS, LoadedArtifact
+from pqv_lightning.export.formats import EXECUTORCH_PRECISIONS, LoadedArtifact, check_attention
 from pqv_lightning.export.inputs import check_tensor, described
 from pqv_lightning.utils.checks import check_bool, check_choice, invalid
 from pqv_lightning.utils.io import atomic_write_bytes
@@ -72,6 +72,7 @@ class PteResult:
     precision: str = "fp32"
     prepared: bool = True
     outside_detail: list[str] = field(default_factory=list)
+    attention: str = "fp32"
 
 
 # --------------------------------------------------------------------------- export
@@ -157,6 +158,7 @@ def export_pte(
     prepare: bool = True,
     float_layers: Sequence[str] = (),
     quantized: bool = False,
+    attention: str = "fp32",
 ) -> PteResult:
     """Export ``model`` to an ExecuTorch program lowered to XNNPACK.
 
@@ -170,6 +172,10 @@ def export_pte(
     ``float_layers`` (names or globs of layers or blocks) stay in float: the delegate runs them in fp32.
     ``quantized=True`` lowers a model that is quantized already (a converted PT2E graph or a torchao INT4 model,
     e.g. from quantization-aware training) as it is; ``precision`` then only labels it.
+
+    ``attention="fp16"`` runs the attention products and softmax of every timm ``Attention`` in fp16 inside the
+    delegate (native on CPUs with fp16 arithmetic, fp32 elsewhere; see
+    :func:`~pqv_lightning.export.prepare_for_xnnpack` and :mod:`pqv_lightning.export.xnnpack_casts`).
     """
     check_choice("precision", precision, EXECUTORCH_PRECISIONS)
     if not isinstance(model, nn.Module):
@@ -177,6 +183,10 @@ def export_pte(
     check_tensor("example_input", example_input)
     check_bool("prepare", prepare)
     check_bool("quantized", quantized)
+    check_attention(attention, [precision])
+    if attention != "fp32" and (quantized or not prepare):
+        reason = "quantized already" if quantized else "prepare=False"
+        raise invalid("attention", attention, f"'fp32' for a model this call does not prepare ({reason})")
     if precision == "int8" and calibration is None and not quantized:
         raise invalid("calibration", calibration, "calibration batches: precision 'int8' (static) needs them")
     if float_layers and (precision == "fp32" or quantized):
@@ -190,13 +200,22 @@ def export_pte(
     )
     from executorch.exir import to_edge_transform_and_lower
 
-    from pqv_lightning.export.xnnpack_rewrites import StaticReshapePass, prepare_for_xnnpack
+    from pqv_lightning.export.xnnpack_casts import float_cast_partitioner
+    from pqv_lightning.export.xnnpack_rewrites import (
+        StaticReshapePass,
+        low_precision_attention_count,
+        prepare_for_xnnpack,
+    )
 
     if quantized and isinstance(model, torch.fx.GraphModule):
         work = copy.deepcopy(model)  # a converted graph: nothing left to rewrite
         work.eval()  # its dropout nodes in eval form (an exported graph's eval() returns None)
     else:
-        work = prepare_for_xnnpack(model) if prepare else copy.deepcopy(model).eval()
+        work = prepare_for_xnnpack(model, attention) if prepare else copy.deepcopy(model).eval()
+    if attention != "fp32" and low_precision_attention_count(work) == 0:
+        raise invalid(
+            "attention", attention, f"'fp32' for {type(model).__name__}: it has no timm Attention block to run in fp16"
+        )
     with torch.no_grad():
         if precision != "fp32" and not quantized:
             work = _quantize(work, precision, example_input, calibration, float_layers)
@@ -205,7 +224,7 @@ def export_pte(
     edge = to_edge_transform_and_lower(
         exported,
         transform_passes=passes,
-        partitioner=[XnnpackPartitioner()],
+        partitioner=[XnnpackPartitioner() if attention == "fp32" else float_cast_partitioner()],
         compile_config=get_xnnpack_edge_compile_config(),
     )
     delegated, delegates, outside = _count_lowered(edge.exported_program().graph_module)
@@ -217,6 +236,7 @@ def export_pte(
         num_delegates=delegates,
         precision=precision,
         prepared=prepare,
+        attention=attention,
     )
 
 
@@ -226,19 +246,32 @@ def write_executorch(
     precisions: tuple[str, ...],
     calibration: Sequence[Tensor] | None,
     float_layers: dict[str, Sequence[str]] | None = None,
+    attention: str = "fp32",
 ) -> None:
     """Write and verify one ``.pte`` per precision (``int8_dynamic`` is recorded as precision ``int8``);
-    ``float_layers[precision]`` stay in float (recorded in the file's ``extra["float_layers"]``)."""
+    ``float_layers[precision]`` stay in float (recorded in the file's ``extra["float_layers"]``).
+
+    With ``attention="fp16"`` every file's attention products run in fp16 (``export_pte``). This machine's XNNPACK
+    may run them in fp32 (no fp16 arithmetic), so each record also holds ``extra["attention_eager"]``: how the float
+    model with fp16 attention, run by torch, agrees with the float model on the verification images.
+    """
+    check_attention(attention, precisions)
+    eager_check: dict[str, float] = {}  # made by the first file that needs it: a failure there is that file's
     for precision in precisions:
         keep = tuple((float_layers or {}).get(precision, ()))
 
         def build(path: Path, extra: dict, precision: str = precision, keep: tuple[str, ...] = keep) -> None:
             result = export_pte(
-                model, writer.example_input, precision=precision, calibration=calibration, float_layers=keep
-            )
+                model, writer.example_input, precision=precision, calibration=calibration, float_layers=keep,
+                attention=attention,
+            )  # fmt: skip
             _record(extra, result, path)
             if precision != "fp32":
                 extra["float_layers"] = list(keep)
+            if attention != "fp32":
+                if not eager_check:
+                    eager_check.update(_attention_eager_check(writer, model, attention))
+                extra["attention_eager"] = dict(eager_check)
 
         label = "int8" if precision == "int8_dynamic" else precision
         writer.produce(f"executorch-{precision}", "executorch", label, "xnnpack", f"{precision}.pte", build, _verifier)
@@ -260,7 +293,20 @@ def write_executorch_variant(writer: ArtifactWriter, variant: QuantizedModel) ->
     writer.produce(f"executorch-{name}", "executorch", precision, "xnnpack", f"{name}.pte", build, _verifier)
 
 
+def _attention_eager_check(writer: ArtifactWriter, model: nn.Module, attention: str) -> dict[str, float]:
+    """Top-1 agreement, largest |logit difference| and top-1 of ``model`` with its attention products in
+    ``attention``, run eagerly, against the float model on the writer's verification images."""
+    from pqv_lightning.export.verify import verify_outputs
+    from pqv_lightning.export.xnnpack_rewrites import prepare_for_xnnpack
+
+    eager = prepare_for_xnnpack(model, attention)
+    with torch.inference_mode():
+        metrics, _, _ = verify_outputs(eager, writer.pieces, attention, writer.thresholds)
+    return {key: float(metrics[key]) for key in ("top1_agreement", "max_abs_logit_diff", "val_top1")}
+
+
 def _record(extra: dict, result: PteResult, path: Path) -> None:
+    extra["attention"] = result.attention
     extra["delegated_nodes"] = int(result.delegated_nodes)
     extra["outside_ops"] = dict(result.outside_ops)
     atomic_write_bytes(path, bytes(result.buffer))

@@ -23,6 +23,7 @@ from pqv_lightning.export.formats import (
     AOTI_PRECISIONS,
     EXECUTORCH_PRECISIONS,
     ONNX_PRECISIONS,
+    check_attention,
     validate_formats,
     validate_precisions,
 )
@@ -111,6 +112,7 @@ def export_artifacts(
     prefix: str = "model_",
     on_record: Callable[[list[ArtifactRecord]], None] | None = None,
     float_layers: Sequence[str] | Mapping[str, Sequence[str]] = (),
+    executorch_attention: str = "fp32",
 ) -> list[ArtifactRecord]:
     """Export ``model`` (and TorchScript-able ``quantized`` variants) in ``formats`` and verify each file.
 
@@ -135,6 +137,9 @@ def export_artifacts(
     ``aoti`` packages (:mod:`~pqv_lightning.export.aoti`) are compiled for this machine's x86 CPU: ``fp32`` and
     ``int8`` (PT2E x86 static, calibrated on ``calibration``, oneDNN int8 kernels).
 
+    ``executorch_attention="fp16"`` runs the attention products of every ``.pte`` in fp16 inside the XNNPACK
+    delegate (native on CPUs with fp16 arithmetic; see :func:`~pqv_lightning.export.export_pte`).
+
     ``on_record(records)`` is called with the records so far each time one is final (verified, failed or
     skipped), e.g. to rewrite the manifest as the export goes.
     """
@@ -142,6 +147,7 @@ def export_artifacts(
     et_precisions = validate_precisions(executorch_precisions, EXECUTORCH_PRECISIONS, "executorch")
     ox_precisions = validate_precisions(onnx_precisions, ONNX_PRECISIONS, "onnx")
     aoti_precisions = validate_precisions(aoti_precisions, AOTI_PRECISIONS, "aoti")
+    check_attention(executorch_attention, et_precisions if "executorch" in fmts else (), "executorch_attention")
     check_example_input(example_input)
     check_val_batches(val_batches, example_input)
     needs_calibration = [f"executorch {p}" for p in et_precisions if "executorch" in fmts and p == "int8"]
@@ -179,7 +185,7 @@ def export_artifacts(
                 )  # fmt: skip
         if "executorch" in fmts:
             et_keep = {p: keep.get(f"executorch-{p}", ()) for p in et_precisions}
-            write_executorch(writer, model, et_precisions, calibration, et_keep)
+            write_executorch(writer, model, et_precisions, calibration, et_keep, executorch_attention)
             for variant in filter(qat_lowerable, trained):  # verified against the QAT model's converted form
                 float_pieces = writer.pieces
                 writer.pieces = reference_pieces(variant.module, val_batches, example_input.shape[0])

@@ -12,20 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pqv_lightning.utils.checks import check_choices, invalid
+from pqv_lightning.utils.checks import check_choice, check_choices, invalid
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
     "AOTI_PRECISIONS",
+    "ATTENTION_PRECISIONS",
     "DEFAULT_FORMATS",
     "EXECUTORCH_PRECISIONS",
     "FORMATS",
+    "FP16_ATTENTION_PRECISIONS",
     "ONNX_PRECISIONS",
     "SUFFIXES",
     "TORCHSCRIPT_METHODS",
     "LoadedArtifact",
+    "check_attention",
     "format_of",
     "validate_formats",
     "validate_precisions",
@@ -39,6 +42,11 @@ SUFFIXES = {".pt": "torchscript", ".ptl": "lite", ".pte": "executorch", ".onnx":
 # "int8": static pt2e (calibrated); "int8_dynamic": pt2e dynamic activations; "int4": torchao int4
 # weights (see pqv_lightning.export.executorch.export_pte).
 EXECUTORCH_PRECISIONS = ("fp32", "int8", "int8_dynamic", "int4")
+#: The dtypes the attention products of a ``.pte`` can run in (``fp16``: native on CPUs with fp16 arithmetic).
+ATTENTION_PRECISIONS = ("fp32", "fp16")
+#: ``.pte`` precisions that take fp16 attention. Not static ``int8``: ExecuTorch 1.5's XNNPACK
+#: ``RemoveRedundantCopyPass`` takes a dtype cast between static q/dq nodes for a layout copy and drops it.
+FP16_ATTENTION_PRECISIONS = ("fp32", "int8_dynamic", "int4")
 # "int8": onnxruntime dynamic quantization (no calibration) of the onnxruntime-optimized graph (see
 # pqv_lightning.export.onnx); "int8_qdq": static QDQ from calibration images.
 ONNX_PRECISIONS = ("fp32", "int8", "int8_qdq")
@@ -59,6 +67,18 @@ def validate_precisions(values: Sequence[str], accepted: Sequence[str], what: st
     """``values`` as a de-duplicated tuple of members of ``accepted``, checked as the ``{what}_precisions``
     argument; empty means that format writes nothing."""
     return check_choices(f"{what}_precisions", values, accepted, allow_empty=True)
+
+
+def check_attention(attention: str, executorch_precisions: Sequence[str], name: str = "attention") -> str:
+    """``attention`` checked against the ``.pte`` precisions it is asked for with."""
+    check_choice(name, attention, ATTENTION_PRECISIONS)
+    refused = [p for p in executorch_precisions if attention != "fp32" and p not in FP16_ATTENTION_PRECISIONS]
+    if refused:
+        raise invalid(
+            name, attention, f"'fp32' with executorch precision {', '.join(map(repr, refused))}; fp16 attention is "
+            f"exported with {', '.join(FP16_ATTENTION_PRECISIONS)} (static int8 loses its casts in ExecuTorch 1.5)",
+        )  # fmt: skip
+    return attention
 
 
 def format_of(path: str | os.PathLike) -> str:

@@ -44,11 +44,19 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from pqv_lightning.export.formats import ATTENTION_PRECISIONS
 from pqv_lightning.export.inputs import described
 from pqv_lightning.export.patchify import is_patchify_conv, to_patches
-from pqv_lightning.utils.checks import invalid
+from pqv_lightning.utils.checks import check_choice, invalid
 
-__all__ = ["StaticReshapePass", "prepare_for_xnnpack", "register_xnnpack_rewrite"]
+__all__ = [
+    "ATTENTION_DTYPES",
+    "StaticReshapePass",
+    "attention_blocks",
+    "low_precision_attention_count",
+    "prepare_for_xnnpack",
+    "register_xnnpack_rewrite",
+]
 
 
 class _DelegableLayerNorm(nn.LayerNorm):
@@ -116,8 +124,12 @@ class _DelegableAttention(Attention):
 
     q/k/v are sliced from the last dim of the ``qkv`` output and the two products are 3-D ``bmm`` over
     ``[B * heads, N, head_dim]``, so the exported graph has no ``expand``/``squeeze``/``select`` copies.
-    Masks fall back to timm's own forward.
+    Masks fall back to timm's own forward. ``products_dtype`` (float32 unless
+    ``prepare_for_xnnpack(attention="fp16")`` sets it) is the dtype of the two products and the softmax: q, k^T and
+    v are cast to it just before the products and the output back to float32 before ``proj``.
     """
+
+    products_dtype: torch.dtype = torch.float32
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -133,9 +145,11 @@ class _DelegableAttention(Attention):
         q = self.q_norm(heads(qkv[..., :a])) * self.scale
         k = self.k_norm(heads(qkv[..., a : 2 * a]))
         v = heads(qkv[..., 2 * a :])
-        attn = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        out = torch.bmm(attn, v.reshape(b * h, n, d))
+        q, k_t, v = q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2), v.reshape(b * h, n, d)
+        if self.products_dtype != torch.float32:  # cast last: a static quantizer puts q/dq (fp32 out) on a transpose
+            q, k_t, v = q.to(self.products_dtype), k_t.to(self.products_dtype), v.to(self.products_dtype)
+        attn = self.attn_drop(torch.bmm(q, k_t).softmax(dim=-1))
+        out = torch.bmm(attn, v).float()
         out = out.reshape(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, a)
         out = self.norm(out)
         if gate is not None:
@@ -225,7 +239,11 @@ for _type, _rewrite in (
     register_xnnpack_rewrite(_type, _rewrite)
 
 
-def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
+#: The dtypes the attention products of a prepared timm ``Attention`` can run in (``prepare_for_xnnpack``).
+ATTENTION_DTYPES = dict(zip(ATTENTION_PRECISIONS, (torch.float32, torch.float16), strict=True))
+
+
+def prepare_for_xnnpack(model: nn.Module, attention: str = "fp32") -> nn.Module:
     """Return an eval-mode copy of ``model`` computing the same function with an XNNPACK-delegable graph.
 
     Applies the registered rewrite (:func:`register_xnnpack_rewrite`) of every module's exact type: by default
@@ -234,9 +252,15 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
     becomes a linear layer (its weight stored 2-D). The fused SDPA path of any module that has one is turned
     off. Pruned attention (``num_heads * head_dim != dim``) is supported: the stored ``attn_dim`` and ``scale``
     are used.
-    """
+
+    ``attention="fp16"`` runs the two attention products and the softmax of every timm ``Attention`` in fp16
+    (q, k, v cast just before the products, the output cast back before ``proj``): XNNPACK runs them natively in
+    fp16 on CPUs with fp16 arithmetic (ARMv8.2 phones, AVX512-FP16) and in fp32 elsewhere. The casts stay inside
+    the delegate only with :func:`pqv_lightning.export.xnnpack_casts.float_cast_partitioner` (as ``export_pte``
+    does)."""
     if not isinstance(model, nn.Module):
         raise invalid("model", described(model), "a torch.nn.Module")
+    check_choice("attention", attention, ATTENTION_PRECISIONS)
     prepared = copy.deepcopy(model).eval()
     for module in prepared.modules():
         rewrite = _REWRITES.get(type(module))
@@ -246,7 +270,20 @@ def prepare_for_xnnpack(model: nn.Module) -> nn.Module:
             rewrite(module)
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
+        if isinstance(module, _DelegableAttention) and attention != "fp32":
+            module.products_dtype = ATTENTION_DTYPES[attention]
     return prepared
+
+
+def attention_blocks(model: nn.Module) -> int:
+    """How many blocks of ``model`` :func:`prepare_for_xnnpack` turns into its attention (what ``attention="fp16"``
+    applies to): timm ``Attention`` and any type registered with that rewrite."""
+    return sum(_REWRITES.get(type(m)) is _DelegableAttention for m in model.modules())
+
+
+def low_precision_attention_count(model: nn.Module) -> int:
+    """How many prepared attention blocks of ``model`` compute their products below fp32."""
+    return sum(isinstance(m, _DelegableAttention) and m.products_dtype != torch.float32 for m in model.modules())
 
 
 class StaticReshapePass(ExportPass):
