@@ -150,3 +150,23 @@ def test_a_search_saved_before_rounds_existed_reads_back_with_the_default() -> N
     restored = LatencySearch.from_dict(saved)
     assert restored.target.rounds == LatencyTarget(4.0).rounds
     assert (restored.ratio, restored.trials) == (0.25, {0.0: 5.0, 0.25: 3.0})
+
+
+def test_a_trial_slower_than_a_less_pruned_one_is_measured_again(tiny) -> None:
+    """One slow reading (a busy spell of the machine) must not push the search to over-prune."""
+    spec, x = PruningSpec(ratio=0.0), torch.randn(1, 1, 16, 16)
+    calls: list[float] = []
+    slow_once = {"left": 1}
+
+    def measure(ratio: float) -> float:
+        calls.append(ratio)
+        if 0.4 < ratio < 0.5 and slow_once["left"]:  # the first bisection step below the answer reads slow
+            slow_once["left"] -= 1
+            return 20.0
+        return fake_latency(ratio)
+
+    found = search_ratio(tiny, spec, x, LatencyTarget(5.0, "eager"), measure=measure)
+    assert found.ratio == pytest.approx(5 / 9.6, abs=1 / 64) and fake_latency(found.ratio - 1 / 64) > 5.0
+    repeated = [r for r in set(calls) if calls.count(r) == 2]
+    assert len(repeated) == 1 and 0.4 < repeated[0] < 0.5
+    assert found.trials[repeated[0]] == pytest.approx(fake_latency(repeated[0]))
