@@ -27,7 +27,6 @@ from pqv_lightning.callbacks._lightning_internals import rewrap_ddp
 from pqv_lightning.callbacks._utils import timm_model_of
 from pqv_lightning.callbacks.fit_end import FitEndRun
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, retarget_optimizers
-from pqv_lightning.export import prepare_for_xnnpack
 from pqv_lightning.quantization import (
     QuantizedModel,
     check_qat_target,
@@ -261,6 +260,8 @@ class QuantizationAwareTraining(Callback):
         device = next(model.parameters()).device
         self._template = copy.deepcopy(model).cpu()
         example = torch.zeros(example_shape, device=device)
+        from pqv_lightning.export import prepare_for_xnnpack  # imports ExecuTorch (~8 s): only when QAT starts
+
         prepared = prepare_qat(prepare_for_xnnpack(model), self.target, example, self._layers, group_size)
         setattr(pl_module, self.model_attribute, prepared.to(device))
         self._recipe = {"target": str(self.target), "float_layers": list(self._layers), "group_size": group_size,
