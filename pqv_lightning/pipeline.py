@@ -229,13 +229,9 @@ class ExportConfig:
         of a model without attention blocks the ``.pte`` rewrite knows."""
         resolve_float_layers(model, self.float_layers, "int8_pt2e")
         if self.executorch_attention != "fp32" and "executorch" in self.formats and self.executorch_precisions:
-            from pqv_lightning.export.xnnpack_rewrites import attention_blocks
+            from pqv_lightning.export.xnnpack_rewrites import check_attention_blocks
 
-            if attention_blocks(model) == 0:
-                raise invalid(
-                    "executorch_attention", self.executorch_attention,
-                    f"'fp32' for {type(model).__name__}: it has no timm Attention block to run in fp16",
-                )  # fmt: skip
+            check_attention_blocks(model, self.executorch_attention, "executorch_attention")
 
     @property
     def needs_calibration(self) -> bool:

@@ -203,19 +203,17 @@ def export_pte(
     from pqv_lightning.export.xnnpack_casts import float_cast_partitioner
     from pqv_lightning.export.xnnpack_rewrites import (
         StaticReshapePass,
-        low_precision_attention_count,
+        check_attention_blocks,
         prepare_for_xnnpack,
     )
+
+    check_attention_blocks(model, attention)
 
     if quantized and isinstance(model, torch.fx.GraphModule):
         work = copy.deepcopy(model)  # a converted graph: nothing left to rewrite
         work.eval()  # its dropout nodes in eval form (an exported graph's eval() returns None)
     else:
         work = prepare_for_xnnpack(model, attention) if prepare else copy.deepcopy(model).eval()
-    if attention != "fp32" and low_precision_attention_count(work) == 0:
-        raise invalid(
-            "attention", attention, f"'fp32' for {type(model).__name__}: it has no timm Attention block to run in fp16"
-        )
     with torch.no_grad():
         if precision != "fp32" and not quantized:
             work = _quantize(work, precision, example_input, calibration, float_layers)

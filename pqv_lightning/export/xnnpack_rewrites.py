@@ -53,6 +53,7 @@ __all__ = [
     "ATTENTION_DTYPES",
     "StaticReshapePass",
     "attention_blocks",
+    "check_attention_blocks",
     "low_precision_attention_count",
     "prepare_for_xnnpack",
     "register_xnnpack_rewrite",
@@ -278,7 +279,15 @@ def prepare_for_xnnpack(model: nn.Module, attention: str = "fp32") -> nn.Module:
 def attention_blocks(model: nn.Module) -> int:
     """How many blocks of ``model`` :func:`prepare_for_xnnpack` turns into its attention (what ``attention="fp16"``
     applies to): timm ``Attention`` and any type registered with that rewrite."""
-    return sum(_REWRITES.get(type(m)) is _DelegableAttention for m in model.modules())
+    return sum(isinstance(m, _DelegableAttention) or _REWRITES.get(type(m)) is _DelegableAttention
+               for m in model.modules())  # fmt: skip
+
+
+def check_attention_blocks(model: nn.Module, attention: str, name: str = "attention") -> None:
+    """Refuse low-precision ``attention`` for a model with no :func:`attention_blocks` (it would change nothing)."""
+    if attention != "fp32" and attention_blocks(model) == 0:
+        accepted = f"'fp32' for {type(model).__name__}: it has no timm Attention block to run in fp16"
+        raise invalid(name, attention, accepted)
 
 
 def low_precision_attention_count(model: nn.Module) -> int:
