@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: CPU model and ISA flags, fixed thread counts, the header line, and
-timing of each variant in its own fresh process.
+"""Helpers shared by the benchmark scripts: CPU model and ISA flags, fixed thread counts, the header line, timing
+of each variant in its own fresh process, and recipes run as ``python train.py fit`` subprocesses.
 
 In-process timing is the library's (:func:`pqv_lightning.measure.interleaved_latency`, round-robin so that load
 from other processes hits every variant alike). :func:`interleaved_process_latency` times every variant in its
@@ -10,6 +10,7 @@ pool, allocator or import side effects can slow another one down.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,10 @@ from pqv_lightning.measure import CpuInfo, LatencyStats, cpu_info, interleaved_l
 from pqv_lightning.utils.checks import check_choice, check_int, invalid
 
 __all__ = [
+    "FIT_END",
+    "REPO",
     "CpuInfo",
+    "FitRun",
     "LatencyStats",
     "ProcessLatency",
     "TimingWorker",
@@ -37,6 +41,7 @@ __all__ = [
     "busy_cores",
     "cpu_family",
     "cpu_info",
+    "drop_callbacks",
     "fix_threads",
     "header",
     "interleaved_latency",
@@ -44,6 +49,7 @@ __all__ = [
     "load_average",
     "openvino_missing",
     "ratio",
+    "run_recipe",
 ]
 
 
@@ -146,7 +152,9 @@ class Variant:
 
     ``path``: the artifact (``.pt``/``.ptl``/``.onnx``/``.pte``), or for ``"eager"`` a ``state_dict`` file
     (read with ``weights_only=True``) of the timm model ``model`` built with ``model_kwargs``; ``structure``:
-    a JSON pruning structure replayed with :func:`pqv_lightning.pruning.apply_structure` before loading it.
+    a JSON pruning structure replayed with :func:`pqv_lightning.pruning.apply_structure` before loading it;
+    ``tokens``: for ``"eager"``, the token reduction (``TokenReduction.as_dict()``) the worker applies after the
+    structure, so that it times the reducing model (a file carries its own reduction).
     ``engine``: the ``torch.backends.quantized`` engine a torch.ao INT8 TorchScript/lite file needs.
     ``ort_spinning``: onnxruntime's default (idle intra-op workers spin) when True, spinning off when False.
     """
@@ -158,11 +166,19 @@ class Variant:
     model_kwargs: dict = field(default_factory=dict)
     structure: str | None = None
     ort_spinning: bool = True
+    tokens: dict | None = None
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, CHILD_KINDS)
         if self.kind == "eager" and not self.model:
             raise invalid("model", self.model, "a timm model name for an 'eager' variant (path= its state_dict file)")
+        if self.tokens is not None:
+            if self.kind != "eager":
+                accepted = f"None for a {self.kind!r} variant (a file runs its own reduction)"
+                raise invalid("tokens", self.tokens, accepted)
+            from pqv_lightning.tokens import TokenReduction
+
+            TokenReduction.from_dict(self.tokens)  # refused here, not in the worker
 
 
 class TimingWorker:
@@ -199,13 +215,15 @@ class TimingWorker:
             command = serve_command(
                 variant.kind, variant.path, input_shape, threads, warmup, engine=variant.engine,
                 ort_spinning=variant.ort_spinning, model=variant.model, model_kwargs=variant.model_kwargs,
-                structure=variant.structure,
+                structure=variant.structure, tokens=variant.tokens,
             )  # fmt: skip
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, bufsize=1,
         )  # fmt: skip
-        self._read(READY_TAG)
+        #: what the worker's ready line reports about the loaded variant (JSON, "" if nothing), e.g. an eager
+        #: model's token reduction ``{"tokens": {"method": ..., "r": ..., "tokens_per_block": [...]}}``.
+        self.ready = self._read(READY_TAG)
 
     def _read(self, tag: str) -> str:
         """The rest of the next stdout line starting with ``tag``; a worker silent for ``timeout`` s is killed."""
@@ -287,6 +305,7 @@ def interleaved_process_latency(
     failures: dict[str, str] | None = None,
     processes: int = 1,
     pause_s: float = 0.05,
+    ready: dict[str, str] | None = None,
 ) -> dict[str, ProcessLatency]:
     """Time every variant in ``rounds`` alternating rounds of ``ceil(runs / rounds)`` calls each, every variant
     in its own :class:`TimingWorker` (loaded one after another, so no load overlaps timing; ``warmup`` calls
@@ -295,7 +314,8 @@ def interleaved_process_latency(
     at 13 or 23 ms per call, whole process lifetimes long). The starting variant rotates every round and each
     batch follows a ``pause_s`` pause in which the previous worker's idle thread pool goes to sleep. ``env`` is
     added to every worker's environment. With a ``failures`` dict, a variant whose worker fails is dropped (the
-    reason stored there under its label) instead of ending the whole run."""
+    reason stored there under its label) instead of ending the whole run. With a ``ready`` dict, what each
+    variant's first worker reported when loaded (:attr:`TimingWorker.ready`) is stored there under its label."""
     if not variants:
         raise ValueError("variants is empty: nothing to time")
     for name, value in (("threads", threads), ("runs", runs), ("rounds", rounds)):
@@ -325,6 +345,8 @@ def interleaved_process_latency(
                     workers[label] = stack.enter_context(
                         TimingWorker(variants[label], input_shape, threads, warmup, env)
                     )
+                    if ready is not None:
+                        ready.setdefault(label, workers[label].ready)
                 except RuntimeError as e:
                     failed(label, e)
             if progress is not None:
@@ -351,3 +373,92 @@ def interleaved_process_latency(
         for lab in labels
         if medians[lab] and alive(lab)
     }
+
+
+# --------------------------------------------------------------------------- recipes as a user runs them
+
+REPO = Path(__file__).resolve().parents[1]
+#: The callbacks that run at fit end (quantization, export, report): dropped to study the training alone.
+FIT_END = ("Quantization", "MobileExport", "TradeoffReport")
+
+#: A callback added to every run (``--trainer.callbacks+=epoch_log.EpochLog``): ``val/top1`` after every epoch.
+_EPOCH_LOG = """
+import json
+import lightning.pytorch as pl
+
+
+class EpochLog(pl.Callback):
+    def __init__(self, path: str) -> None:
+        self.path, self.top1 = path, []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.top1.append(float(trainer.callback_metrics["val/top1"]))
+            with open(self.path, "w") as f:
+                json.dump(self.top1, f)
+"""
+
+
+def drop_callbacks(recipe: dict, names: Iterable[str]) -> dict:
+    """A copy of ``recipe`` (a parsed ``train.py`` YAML) without the callbacks whose class is named in ``names``."""
+    names = set(names)
+    recipe = copy.deepcopy(recipe)
+    recipe["trainer"]["callbacks"] = [
+        cb for cb in recipe["trainer"].get("callbacks") or () if cb["class_path"].rsplit(".", 1)[-1] not in names
+    ]
+    return recipe
+
+
+@dataclass
+class FitRun:
+    """One ``train.py fit`` subprocess: its exit status, wall time, ``val/top1`` after each epoch, its folder
+    (logs and checkpoints under ``runs/``) and the last lines of its stderr."""
+
+    seed: int
+    returncode: int
+    seconds: float
+    top1: list[float]
+    folder: Path
+    stderr_tail: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.top1)
+
+    def checkpoint(self, which: str = "last") -> Path:
+        """``"last"`` (``LastCheckpoint``'s ``last.ckpt``) or ``"best"`` (the monitoring ``ModelCheckpoint``'s)."""
+        files = sorted((self.folder / "runs").rglob("*.ckpt"))
+        found = [f for f in files if (f.name == "last.ckpt") == (which == "last")]
+        if len(found) != 1:
+            names = [str(f) for f in found]
+            raise FileNotFoundError(f"{which} checkpoint of {self.folder}: expected one, found {names}")
+        return found[0]
+
+
+def run_recipe(
+    recipe: dict, seed: int, folder: Path, extra: Sequence[str] = (), env: dict[str, str] | None = None
+) -> FitRun:
+    """``python train.py fit --config <recipe> --seed_everything <seed>`` in ``folder`` (created), as a user runs it
+    (the recipe's own callbacks and data), with a TensorBoard logger under ``folder/runs``, a callback recording
+    ``val/top1`` after every epoch and no progress bar; ``extra`` flags go to ``train.py``, ``env`` is added to the
+    environment. Runs in separate folders do not share anything, so several can run at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "epoch_log.py").write_text(_EPOCH_LOG)
+    recipe = copy.deepcopy(recipe)
+    recipe["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(folder / "runs"), "name": "fit"},
+    }
+    import yaml
+
+    config, log = folder / "recipe.yaml", folder / "top1.json"
+    config.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--seed_everything", str(seed),
+               "--trainer.callbacks+=epoch_log.EpochLog", f"--trainer.callbacks.path={log}",
+               "--trainer.enable_progress_bar=false", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(folder), "PYTHONWARNINGS": "ignore", **(env or {})}
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    top1 = json.loads(log.read_text()) if log.exists() else []
+    return FitRun(seed, done.returncode, seconds, top1, folder, done.stderr.strip().splitlines()[-3:])

@@ -1,7 +1,7 @@
 """Headline latency: DeiT-Small at 224 px, batch 1, every runtime on the same fixed thread count.
 
 Run: ``python benchmarks/latency_deit_small.py [--threads 2] [--runs 144] [--rounds 24] [--processes 6]
-[--warmup 5] [--skip-pruned] [--repeat] [--ort-spinning on|off] [--quick]``.
+[--warmup 5] [--skip-pruned] [--repeat] [--ort-spinning on|off] [--quick] [--tokens 0 8 13 16]``.
 
 ``--quick`` (about 8 minutes on 2 cores instead of about 30): only the files that can be the fastest of their kind
 (INT8 ExecuTorch static and dynamic, ONNX INT8, AOTInductor INT8 and FP32) beside the peers, verified on 32 images,
@@ -28,7 +28,18 @@ twice and prints how far the two passes' medians differ (target: within 10%). Va
 * OpenVINO with its defaults on that FP32 ONNX file (``Core().compile_model(f, "CPU")``, thread count fixed),
   when the optional ``openvino`` package is installed (``pip install .[benchmarks]``; skipped with a note where not);
 * every artifact that :func:`pqv_lightning.export.export_artifacts` writes and verifies, dense and after
-  25 % structured pruning (:func:`pqv_lightning.pruning.prune`, L2, ratio 0.25), AOTInductor packages included.
+  25 % structured pruning (:func:`pqv_lightning.pruning.prune`, L2, ratio 0.25), AOTInductor packages included;
+* with ``--tokens R [R ...]``, for each ``r > 0`` and each network (dense, 25 % pruned), a copy merging ``r`` tokens
+  a block (ToMe, :func:`pqv_lightning.tokens.apply_token_reduction`): its FP32 eager model (the timing process
+  rebuilds the merging model: structure, then reduction) and its INT8 files (``.pte`` static and dynamic, ONNX,
+  AOTInductor), each verified against the eager merging model; for the pruned network, onnxruntime's default INT8
+  of the pruned network without merging is timed too. A section per ``r`` gives each of them beside FP32 eager of
+  the dense network, ORT default INT8 of the same network without merging and the same file without merging, the
+  tokens entering each block (as the file's manifest record or the eager worker reports it), and the share of each
+  merging ``.pte``'s operator time spent outside its XNNPACK delegates (the matching; ETDump, ``--profile-passes``).
+  Every variant's worker stays loaded through a process set: ``--quick --tokens 0 8 13 16`` times 47 variants, 35 of
+  them in torch-based workers of 0.3-0.45 GB proportional set size each (measured on a 0.2M-parameter model; the
+  onnxruntime ones about 0.03 GB), so it needs about 15 GB of free memory; fewer ``r`` values need less.
 
 Weights are random (``pretrained=False``) and the artifacts are verified on random images against the eager
 model (top-1 agreement and logit difference); the classifier head is ridge-fitted to those images first so
@@ -45,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -64,14 +76,31 @@ from torch import nn
 from pqv_lightning.export import export_artifacts, optimize_for_mobile_status
 from pqv_lightning.pruning import PruningSpec, prune
 from pqv_lightning.quantization import quantize
+from pqv_lightning.tokens import TokenReduction, apply_token_reduction, check_token_reduction, tokens_per_block
 
 EAGER, PQV, ORT_FP32, ORT_INT8 = "fp32 eager", "PQV-Mobile pipeline (lite int8)", "ORT fp32", "ORT default int8"
 OPENVINO = "OpenVINO default (fp32 onnx)"
 PEERS = (PQV, ORT_INT8, OPENVINO)
-#: (formats, executorch, onnx, aoti precisions) of our files: all of them, or the candidates for the fastest.
-FULL = (("torchscript", "executorch", "onnx", "aoti"), ("fp32", "int8", "int8_dynamic", "int4"),
-        ("fp32", "int8", "int8_qdq"), ("fp32", "int8"))  # fmt: skip
-QUICK = (("executorch", "onnx", "aoti"), ("int8", "int8_dynamic"), ("int8",), ("fp32", "int8"))
+#: Our files ({format: precisions}): all of them, or the candidates for the fastest (``--quick``).
+FULL = {"torchscript": ["fp32", "quantized"], "executorch": ["fp32", "int8", "int8_dynamic", "int4"],
+        "onnx": ["fp32", "int8", "int8_qdq"], "aoti": ["fp32", "int8"]}  # fmt: skip
+QUICK = {"executorch": ["int8", "int8_dynamic"], "onnx": ["int8"], "aoti": ["fp32", "int8"]}
+#: The files of each token-merging copy (``--tokens``): the INT8 candidates for the fastest, as in ``--quick``.
+MERGED = {"executorch": ["int8", "int8_dynamic"], "onnx": ["int8"], "aoti": ["int8"]}
+#: ExecuTorch's portable kernels (what runs outside the XNNPACK delegates) in an ETDump operator profile.
+PORTABLE = "native_call_"
+
+
+@dataclass(frozen=True)
+class MergedNet:
+    """One network (``tag``: dense or pruned25) merging ``r`` tokens a block: its timed labels (eager FP32 first,
+    then its files) and the tokens entering each block in this process."""
+
+    r: int
+    tag: str
+    name: str
+    labels: list[str]
+    tokens: list[int]
 
 
 def pqv_mobile_pipeline(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[str, str]:
@@ -106,11 +135,11 @@ def _optimize(sm: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return optimize_for_mobile(sm)
 
 
-def ort_default(model: nn.Module, x: torch.Tensor, work: Path) -> tuple[Path, Path, str]:
+def ort_default(model: nn.Module, x: torch.Tensor, work: Path, prefix: str = "") -> tuple[Path, Path, str]:
     """ONNX FP32 from ``torch.onnx.export`` defaults and onnxruntime ``quantize_dynamic`` defaults."""
     from onnxruntime.quantization import quantize_dynamic
 
-    fp32, int8 = work / "ort_fp32.onnx", work / "ort_default_int8.onnx"
+    fp32, int8 = work / f"{prefix}ort_fp32.onnx", work / f"{prefix}ort_default_int8.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(copy.deepcopy(model).eval(), (x,), str(fp32))
@@ -120,7 +149,7 @@ def ort_default(model: nn.Module, x: torch.Tensor, work: Path) -> tuple[Path, Pa
     except Exception as err:  # raw dynamo graphs may need ORT's own pre-processing first
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        pre = work / "ort_fp32.pre.onnx"
+        pre = work / f"{prefix}ort_fp32.pre.onnx"
         quant_pre_process(str(fp32), str(pre))
         quantize_dynamic(str(pre), str(int8))
         note = f"quantize_dynamic(defaults) after quant_pre_process (direct call failed: {type(err).__name__})"
@@ -154,13 +183,14 @@ def fit_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ridge
     return f"ridge-fitted on the {len(images)} verification images (median top-1 logit gap {gap:.2f})"
 
 
-def our_artifacts(model: nn.Module, x: torch.Tensor, work: Path, prefix: str, val, calib, quick: bool) -> list:
-    formats, executorch, onnx, aoti = QUICK if quick else FULL
-    quantized = [] if quick else [quantize(model, "int8_dynamic:x86", x)]
-    return export_artifacts(
-        model, work, list(formats), x, val, quantized=quantized, calibration=calib, executorch_precisions=executorch,
-        onnx_precisions=onnx, aoti_precisions=aoti, prefix=prefix,
-    )  # fmt: skip
+def our_artifacts(
+    model: nn.Module, x: torch.Tensor, work: Path, prefix: str, val, calib, quick: bool, merged: bool = False
+) -> list:
+    """Export and verify our files of ``model``: :data:`MERGED` for a token-merging copy, else :data:`QUICK` or
+    :data:`FULL` (the latter with the torch.ao dynamic INT8 variant for TorchScript)."""
+    artifacts = MERGED if merged else QUICK if quick else FULL
+    quantized = [] if quick or merged else [quantize(model, "int8_dynamic:x86", x)]
+    return export_artifacts(model, work, artifacts, x, val, quantized=quantized, calibration=calib, prefix=prefix)
 
 
 def _fmt(value: float | None, suffix: str = "x") -> str:
@@ -208,6 +238,15 @@ def main() -> None:
         "--quick", action="store_true",
         help="the fastest candidates only, 32 verification images, 8 rounds over 2 processes (about 8 minutes)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[0], metavar="R",
+        help="ToMe merging: for each R > 0, every network also merging R tokens a block (eager FP32 and INT8 files); "
+        "0 = without merging (always timed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile-passes", type=int, default=10,
+        help="ETDump passes of each merging .pte's operator profile (the matching's share); 0: no profile",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         for name, value in (("processes", 2), ("rounds", 8), ("runs", 48), ("val_images", 32), ("warmup", 3)):
@@ -218,6 +257,11 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.tokens) < 0:
+        parser.error(f"--tokens must be ints >= 0, got {args.tokens}")
+    if args.profile_passes < 0:
+        parser.error(f"--profile-passes must be >= 0, got {args.profile_passes}")
+    merging = sorted({r for r in args.tokens if r > 0})
     if args.processes > args.rounds:
         parser.error(f"--processes must be <= --rounds ({args.rounds}), got {args.processes}")
     try:
@@ -241,6 +285,8 @@ def main() -> None:
     t_start = time.perf_counter()
     model_kwargs = {"img_size": args.img_size, **kwargs}
     model = timm.create_model(args.model, pretrained=False, **model_kwargs).eval()
+    for r in merging:  # refused here (family, pooling), before any export
+        check_token_reduction(model, TokenReduction("merge", r=r))
     x = torch.randn(1, 3, args.img_size, args.img_size)
     val_images = torch.randn(args.val_images, 3, args.img_size, args.img_size)
     val = [(val_images, torch.randint(0, model.num_classes, (args.val_images,)))]
@@ -250,13 +296,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     spinning = args.ort_spinning == "on"
 
-    def eager(net: nn.Module, tag: str, structure: dict | None = None) -> Variant:
+    def eager(net: nn.Module, tag: str, structure: dict | None = None, tokens: dict | None = None) -> Variant:
         structure_path = None
         if structure is not None:
             structure_path = str(work / f"{tag}_structure.json")
             Path(structure_path).write_text(json.dumps(structure))
         state = _save_state(net, work / f"{tag}_state.pt")
-        return Variant("eager", state, model=args.model, model_kwargs=model_kwargs, structure=structure_path)
+        return Variant(
+            "eager", state, model=args.model, model_kwargs=model_kwargs, structure=structure_path, tokens=tokens
+        )
 
     notes: dict[str, str] = {}
     if not args.random_head:
@@ -295,8 +343,10 @@ def main() -> None:
         nets.append(("pruned25", pruned, res.structure))
 
     records_by_label: dict[str, object] = {}
-    for tag, net, structure in nets:
-        recs = our_artifacts(net, x, work, f"{tag}_", val, calib, args.quick)
+
+    def add_records(recs: list, tag: str) -> list[str]:
+        """Time each file of ``recs`` as ``"<tag> <name>"``; returns the labels."""
+        labels = []
         for rec in recs:
             label = f"{tag} {rec.name}"
             if rec.status != "ok":
@@ -308,9 +358,36 @@ def main() -> None:
                 label += " (unverified)"
             variants[label] = Variant(rec.format, rec.path, engine=rec.engine, ort_spinning=spinning)
             records_by_label[label] = rec
+            labels.append(label)
+        return labels
+
+    for tag, net, structure in nets:
+        add_records(our_artifacts(net, x, work, f"{tag}_", val, calib, args.quick), tag)
         if structure is not None:
             variants[f"{tag} eager fp32"] = eager(net, tag, structure)
         print(f"{tag} artifacts exported and verified ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+    merged: list[MergedNet] = []
+    if merging and not args.skip_pruned:
+        _, pruned_int8, note = ort_default(pruned, x, work, prefix="pruned25_")
+        variants[f"pruned25 {ORT_INT8}"] = Variant("onnx", str(pruned_int8), ort_spinning=spinning)
+        notes[f"pruned25 {ORT_INT8}"] = note
+    for r in merging:
+        spec = TokenReduction("merge", r=r)
+        for tag, net, structure in nets:
+            copy_r = apply_token_reduction(copy.deepcopy(net), spec)
+            name = f"{tag} r={r}"
+            if not args.random_head:
+                notes[f"{name} classifier head"] = fit_head(copy_r, val_images, val[0][1])
+            recs = our_artifacts(copy_r, x, work, f"{tag}_r{r}_", val, calib, args.quick, merged=True)
+            labels = add_records(recs, name)
+            variants[f"{name} eager fp32"] = eager(copy_r, f"{tag}_r{r}", structure, spec.as_dict())
+            merged.append(MergedNet(r, tag, name, [f"{name} eager fp32", *labels], tokens_per_block(copy_r)))
+            print(
+                f"{name}: tokens per block {tokens_per_block(copy_r)}; files exported and verified "
+                f"({time.perf_counter() - t_start:.0f}s)",
+                flush=True,
+            )
 
     env = {"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_wait_policy == "passive" else None
     busy = busy_cores()
@@ -325,6 +402,7 @@ def main() -> None:
         )
     passes = []
     failures: dict[str, str] = {}
+    ready: dict[str, str] = {}
     for n in range(2 if args.repeat else 1):
         print(f"timing pass {n + 1}: load average before {load_average()}", flush=True)
         passes.append(
@@ -335,6 +413,7 @@ def main() -> None:
                 env=env,
                 failures=failures,
                 processes=args.processes,
+                ready=ready,
             )
         )  # fmt: skip
         print(f"timing pass {n + 1} done: load average after {load_average()}", flush=True)
@@ -343,7 +422,11 @@ def main() -> None:
     for n, stats in enumerate(passes):
         if n:
             print(f"\n--- pass {n + 1} ---")
-        report(stats, records_by_label, notes if n == 0 else {}, args)
+        report(stats, records_by_label, notes if n == 0 else {}, args, {label for m in merged for label in m.labels})
+        if merged:
+            token_report(stats, records_by_label, merged, ready, args)
+    if merged and args.profile_passes:
+        matching_profile(merged, records_by_label, x, args)
     if args.repeat:
         print(
             "\nrepeat: pass 1 vs pass 2, median of the quietest round (target: within 10%) and, for comparison, "
@@ -377,7 +460,11 @@ def _fastest(stats: dict[str, ProcessLatency], labels: list[str]) -> tuple[str |
     return best, (stats[best] if best else None)
 
 
-def report(stats: dict[str, ProcessLatency], records: dict, notes: dict[str, str], args) -> None:
+def report(
+    stats: dict[str, ProcessLatency], records: dict, notes: dict[str, str], args, merged: set[str] = frozenset()
+) -> None:
+    """The table of every timed variant and the targets of the networks without merging (``merged``: the labels of
+    the token-merging variants, left out of the targets; :func:`token_report` has theirs)."""
     eager, pqv, ort8 = stats.get(EAGER), stats.get(PQV), stats.get(ORT_INT8)
     print(
         f"\n{'variant':44s} {'median ms':>9s} {'pooled':>7s} {'p90 ms':>7s} {'cpu ms':>7s} {'rounds':>6s} "
@@ -409,6 +496,7 @@ def report(stats: dict[str, ProcessLatency], records: dict, notes: dict[str, str
             lab
             for lab, rec in records.items()
             if lab in stats
+            and lab not in merged
             and lab.startswith(f"{tag} ")
             and (rec.status == "ok" or not verified)
             and (precision is None or rec.precision == precision)
@@ -435,6 +523,114 @@ def report(stats: dict[str, ProcessLatency], records: dict, notes: dict[str, str
             verdict = "n/a" if value is None else ("MET" if value >= target else "NOT MET")
             print(f"  {text:92s} {_fmt(value):>7s}  target >= {target}x  {verdict}")
     print(f"  (CPU {cpu.describe()}; ISA {cpu.isa()})")
+
+
+#: The unmerged counterparts of a network's eager model and of its ORT default INT8 peer.
+_EAGER_OF = {"dense": EAGER, "pruned25": "pruned25 eager fp32"}
+_ORT_INT8_OF = {"dense": ORT_INT8, "pruned25": f"pruned25 {ORT_INT8}"}
+
+
+def _tokens_of(label: str, records: dict, ready: dict[str, str]) -> list[int] | None:
+    """Tokens per block as the variant itself reports them: a file's manifest record, an eager worker's ready line."""
+    rec = records.get(label)
+    if rec is not None:
+        return (rec.extra.get("tokens") or {}).get("tokens_per_block")
+    try:
+        return json.loads(ready.get(label) or "{}").get("tokens", {}).get("tokens_per_block")
+    except ValueError:
+        return None
+
+
+def token_report(
+    stats: dict[str, ProcessLatency], records: dict, merged: list[MergedNet], ready: dict[str, str], args
+) -> None:
+    """Per ``r``: each merging variant's latency, its speed-ups over FP32 eager of the dense network, over ORT's
+    default INT8 of the same network without merging and over the same variant without merging, its top-1
+    agreement with the eager merging model (the file's verification) and its tokens per block; then the targets."""
+    eager, cpu = stats.get(EAGER), cpu_info()
+    for r in sorted({m.r for m in merged}):
+        print(
+            f"\ntoken merging r={r} (ToMe bipartite soft matching, {r} tokens fewer a block; median of the quietest "
+            f"round, threads={args.threads}):"
+        )
+        print(
+            f"  {'variant':44s} {'median ms':>9s} {'vs dense eager':>14s} {'vs ORT int8 r=0':>15s} "
+            f"{'vs r=0':>7s} {'agree':>6s}  tokens per block (as the file / worker reports)"
+        )
+        nets = [m for m in merged if m.r == r]
+        for m in nets:
+            for label in m.labels:
+                if label not in stats:
+                    continue
+                rec = records.get(label)
+                if rec is None:  # the eager merging model: its counterpart is the eager model without merging
+                    base = _EAGER_OF[m.tag]
+                else:
+                    base = f"{m.tag} {rec.name}"
+                    base = base if base in stats else f"{base} (unverified)"
+                agree = f"{rec.top1_agreement:.3f}" if rec is not None and rec.top1_agreement is not None else "-"
+                tokens = _tokens_of(label, records, ready)
+                shown = "-" if tokens is None else ",".join(map(str, tokens))
+                if tokens is not None and tokens != m.tokens:
+                    shown += f" (NOT the {m.tokens} of the model it was exported from)"
+                print(
+                    f"  {label:44s} {stats[label].median_ms:9.2f} {_fmt(_ratio(eager, stats[label])):>14s} "
+                    f"{_fmt(_ratio(stats.get(_ORT_INT8_OF[m.tag]), stats[label])):>15s} "
+                    f"{_fmt(_ratio(stats.get(base), stats[label])):>7s} {agree:>6s}  {shown}"
+                )
+        print(
+            "  (vs dense eager: timm FP32 eager of the dense network without merging; vs ORT int8 r=0: onnxruntime's "
+            "default INT8 of the same network without merging; vs r=0: the same variant without merging; agree: top-1 "
+            "agreement with the eager merging model on the verification images)"
+        )
+        print(f"  targets at r={r} over verified files (issue 22 sets them for r=13):")
+        for m in nets:
+            files = [
+                lab for lab in m.labels if lab in stats and lab in records and records[lab].status == "ok"
+            ]  # fmt: skip
+            best_label, best = _fastest(stats, files)
+            agree = records[best_label].top1_agreement if best_label else None
+            cost = "" if agree is None else f"  (its agreement with the eager merging model: {agree:.3f})"
+            rows = [
+                (f"{m.name} fastest file ({best_label}) vs dense FP32 eager", 5.0 if m.tag == "dense" else 8.0),
+                (f"{m.name} fastest file ({best_label}) vs ORT default INT8 of {m.tag}, no merging", 1.5),
+            ]
+            values = [_ratio(eager, best), _ratio(stats.get(_ORT_INT8_OF[m.tag]), best)]
+            for (text, target), value in zip(rows, values, strict=True):
+                verdict = "n/a" if value is None else ("MET" if value >= target else "NOT MET")
+                print(f"    {text:92s} {_fmt(value):>7s}  target >= {target}x  {verdict}{cost}")
+    print(f"  (CPU {cpu.describe()}; ISA {cpu.isa()})")
+
+
+def matching_profile(merged: list[MergedNet], records: dict, x: torch.Tensor, args) -> None:
+    """For each verified merging ``.pte``: the share of its summed operator time (ETDump, ``--profile-passes``
+    forwards after a warm-up) spent in portable kernels outside the XNNPACK delegates, i.e. the matching."""
+    from pqv_lightning.measure.profile import operator_profile
+
+    print(
+        f"\nmerging .pte operator profiles (ETDump, {args.profile_passes} passes, threads={args.threads}): time "
+        "outside the XNNPACK delegates (portable kernels: the matching) / summed operator time"
+    )
+    for m in merged:
+        for label in m.labels:
+            rec = records.get(label)
+            if rec is None or rec.format != "executorch" or rec.status != "ok":
+                continue
+            try:
+                rows = operator_profile(
+                    rec.path, "executorch", x, top=10_000, threads=args.threads, passes=args.profile_passes
+                )
+            except Exception as err:  # the profile is an extra: the timings above stand without it
+                print(f"  {label:44s} not profiled: {type(err).__name__}: {str(err)[:150]}")
+                continue
+            total = sum(row.total_ms for row in rows)
+            outside = [row for row in rows if row.op.startswith(PORTABLE)]
+            outside_ms = sum(row.total_ms for row in outside)
+            ops = ", ".join(f"{row.op[len(PORTABLE) :]} {100 * row.share:.2f}%" for row in outside) or "none"
+            print(
+                f"  {label:44s} {outside_ms:7.3f} / {total:7.2f} ms = {100 * outside_ms / total:5.2f}%  ({ops}); "
+                f"manifest outside_ops {rec.extra.get('outside_ops') or 'none'}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,36 +13,13 @@ best dense top-1, the final top-1, the wall time of the whole job; then the CPU 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from _common import cpu_info
-
-REPO = Path(__file__).resolve().parents[1]
-FIT_END = ("Quantization", "MobileExport", "TradeoffReport")
-
-EPOCH_LOG = """
-import json
-import lightning.pytorch as pl
-
-
-class EpochLog(pl.Callback):
-    def __init__(self, path: str) -> None:
-        self.path, self.top1 = path, []
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self.top1.append(float(trainer.callback_metrics["val/top1"]))
-            with open(self.path, "w") as f:
-                json.dump(self.top1, f)
-"""
+from _common import FIT_END, REPO, cpu_info, drop_callbacks, run_recipe
 
 
 def _prune_epoch(recipe: dict) -> int | None:
@@ -66,36 +43,20 @@ def main() -> int:
     args.set = extra
     recipe = yaml.safe_load(Path(args.config).read_text())
     if args.train_only:
-        recipe["trainer"]["callbacks"] = [
-            cb for cb in recipe["trainer"]["callbacks"] if cb["class_path"].rsplit(".", 1)[1] not in FIT_END
-        ]
+        recipe = drop_callbacks(recipe, FIT_END)
     prune_epoch = _prune_epoch(recipe)
     cpu = cpu_info()
     print(f"CPU: {cpu.describe()} | ISA: {cpu.isa()}")
     print(f"config: {args.config}{' (train only)' if args.train_only else ''} {' '.join(args.set)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="pqv-seeds-") as work:
-        work = Path(work)
-        (work / "epoch_log.py").write_text(EPOCH_LOG)
-        recipe["trainer"]["logger"] = {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(work / "runs"), "name": "seeds"},
-        }
-        config = work / "recipe.yaml"
-        config.write_text(yaml.safe_dump(recipe))
         for seed in args.seeds:
-            log = work / f"top1_{seed}.json"
-            command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--seed_everything",
-                       str(seed), "--trainer.callbacks+=epoch_log.EpochLog", f"--trainer.callbacks.path={log}",
-                       "--trainer.enable_progress_bar=false", *args.set]  # fmt: skip
-            env = {**os.environ, "PYTHONPATH": str(work), "PYTHONWARNINGS": "ignore"}
-            start = time.perf_counter()
-            done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            if done.returncode != 0:
-                print(f"seed {seed}: failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-3:]}")
+            run = run_recipe(recipe, seed, Path(work) / f"seed{seed}", args.set)
+            seconds = run.seconds
+            if not run.ok:
+                print(f"seed {seed}: failed (rc {run.returncode}): {run.stderr_tail}")
                 continue
-            top1 = json.loads(log.read_text())
+            top1 = run.top1
             dense = top1[:prune_epoch] if prune_epoch else top1
             row = {
                 "seed": seed,

@@ -10,7 +10,7 @@ are a multiple of ``m`` and all widths; the preferred multiple of a kernel is th
 one gains under 2%.
 
 Part 2, equal MACs: deit_small pruned with ``round_to=None`` at ``--ratio``, and with ``round_to="auto"`` (the
-multiple :func:`pqv_lightning.pruning.widths.kernel_multiple` gives the target) to the same MACs, each exported and
+multiple :func:`pqv_lightning.export.widths.kernel_multiple` gives the target) to the same MACs, each exported and
 timed in its own fresh process, alternating rounds (quietest-round median). Random weights (``pretrained=False``).
 """
 
@@ -29,8 +29,8 @@ from torch import nn
 
 from pqv_lightning.export import export_artifacts, export_pte
 from pqv_lightning.export.executorch import load_program
+from pqv_lightning.export.widths import KERNEL_MULTIPLE, kernel_multiple
 from pqv_lightning.pruning import PruningSpec, count_macs_params, prune
-from pqv_lightning.pruning.widths import KERNEL_MULTIPLE, kernel_multiple
 
 TOKENS, IN_FEATURES = 197, 384
 MULTIPLES = (4, 8, 16, 32, 64)

@@ -15,6 +15,7 @@ from pqv_lightning.callbacks.quantization import Quantization
 from pqv_lightning.callbacks.report import TradeoffReport
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
 from pqv_lightning.callbacks.sparsity_gates import SparsityGates
+from pqv_lightning.callbacks.token_merging import TokenMerging
 
 __all__ = [
     "FitEndCallback",
@@ -26,5 +27,6 @@ __all__ = [
     "ShapeChangingCallback",
     "SparsityGates",
     "StructuredPruning",
+    "TokenMerging",
     "TradeoffReport",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "check_validation_data",
     "data_loader",
     "resolve_output_dir",
+    "search_on_rank_zero",
     "take_batches",
     "timm_model_of",
     "train_loader",
@@ -85,6 +87,29 @@ def take_batches(loader: Iterable, count: int, device: torch.device) -> list[tup
     if not batches:
         raise RuntimeError("The training data loader yielded no batch.")
     return [(x.to(device), y.to(device)) for x, y in batches]
+
+
+def search_on_rank_zero(
+    trainer: pl.Trainer, search: Callable[[torch.Tensor, list[torch.Tensor]], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run a latency search on rank 0 only (the others wait) and broadcast what it found to every rank.
+
+    ``search(example, calibration)`` gets one training image (batch 1, CPU, float) and up to 8 single-image
+    calibration batches, and returns its result as a dict. A ``ValueError`` it raises (an unreachable target) is
+    re-raised on every rank, so that no rank goes on training alone.
+    """
+    outcome: dict[str, Any] | str | None = None
+    if trainer.is_global_zero:
+        images = take_batches(train_loader(trainer), 1, torch.device("cpu"))[0][0].float()
+        calibration = [images[i : i + 1] for i in range(min(8, images.shape[0]))]
+        try:
+            outcome = search(images[:1], calibration)
+        except ValueError as err:
+            outcome = str(err)
+    outcome = trainer.strategy.broadcast(outcome, src=0)
+    if isinstance(outcome, str):
+        raise ValueError(outcome)
+    return outcome
 
 
 def check_epochs_fit_max_steps(trainer: pl.Trainer, epochs: int, argument: str, minimum: int) -> None:

@@ -51,9 +51,10 @@ class LastCheckpoint(ModelCheckpoint):
 def warn_if_last_checkpoint_lags(trainer: pl.Trainer) -> None:
     """Warn once per fit when a monitored ``ModelCheckpoint(save_last=True)`` will not write the last epoch."""
     lagging = [
-        cb for cb in trainer.checkpoint_callbacks
+        cb
+        for cb in trainer.checkpoint_callbacks
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.save_last is True and cb.save_top_k != -1
-    ]  # fmt: skip
+    ]
     if lagging and not any(isinstance(cb, LastCheckpoint) for cb in trainer.callbacks):
         rank_zero_warn(
             f"ModelCheckpoint(monitor={lagging[0].monitor!r}, save_last=True) writes last.ckpt only when it saves a "

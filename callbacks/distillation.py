@@ -227,8 +227,11 @@ class KnowledgeDistillation(Callback):
             )
         if self.distiller is not None and self._directory is not None and self._record is None:
             self._write_teacher(trainer)
-        if self.distiller is not None:
-            self.distiller.to(pl_module.device)
+        if self.distiller is not None:  # where the student is, in its dtype (bf16-true, 64-true convert it)
+            student = timm_model_of(pl_module, self.model_attribute, type(self).__name__)
+            param = next(student.parameters(), None)
+            dtype = param.dtype if param is not None and param.is_floating_point() else None
+            self.distiller.to(pl_module.device, dtype)
 
     def _capture(self, dense: nn.Module, student: nn.Module, pl_module: pl.LightningModule) -> None:
         if self._record is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -12,6 +13,7 @@ from typing_extensions import override
 
 from pqv_lightning.callbacks.fit_end import FitEndCallback
 from pqv_lightning.export import ArtifactRecord
+from pqv_lightning.export.formats import artifacts_from_arguments, legacy_artifact_parameters
 from pqv_lightning.pipeline import ExportConfig, PipelineResult, artifacts_table
 
 __all__ = ["MobileExport"]
@@ -20,34 +22,46 @@ __all__ = ["MobileExport"]
 class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
     """Export the trained model, and each variant of the :class:`Quantization` callback, at the end of ``fit``.
 
-    Formats: TorchScript ``.pt``, lite interpreter ``.ptl``, ExecuTorch ``.pte`` (XNNPACK), ONNX and, asked for by
-    name, ``"aoti"``: an AOTInductor ``.pt2`` package compiled for this x86 CPU (oneDNN kernels, ``aoti_precisions``
-    ``fp32`` / ``int8``; the fastest file on an x86 machine, see the README). Every file
-    is loaded back in its own runtime and compared with the eager float model on real validation images from
+    ``artifacts`` names the files, ``{format: precisions}`` (e.g. ``{"executorch": ["fp32", "int8"], "onnx":
+    ["fp32", "int8"]}``); the formats are those of :mod:`pqv_lightning.export.formats` (TorchScript ``.pt``, lite
+    ``.ptl``, ExecuTorch ``.pte`` for XNNPACK, ONNX, and, asked for by name, an AOTInductor ``.pt2`` package
+    compiled for this x86 CPU), and ``options`` their settings (e.g. ``{"executorch": {"attention": "fp16"}}``). Every
+    file is loaded back in its own runtime and compared with the eager float model on real validation images from
     the datamodule's validation loader; a ``manifest.json`` next to the files lists each artifact with its
     status, parity figures (top-1 agreement, max |logit difference|) and accuracy, plus the quantization
     results. A failed artifact is recorded and logged, never raised: the fit's result is kept.
 
     Runs on global rank 0 (other ranks wait at a barrier), after :class:`Quantization` whatever the order of the
     callback list, on a CPU copy of the model: the training model and the training checkpoints are never touched.
-    The output folder and the formats are checked in ``setup``, before training.
+    The output folder and the files asked for are checked in ``setup``, before training.
 
-    TorchScript and lite take the float model and the torch.ao / fp16 variants; ExecuTorch and ONNX quantize the
-    float model themselves to ``executorch_precisions`` / ``onnx_precisions``, keeping ``float_layers`` (or the
-    float layers the matching :class:`Quantization` target chose) in float. A :class:`QuantizationAwareTraining`
-    variant gets its own ``.pte``, verified against the variant. ``executorch_attention="fp16"`` runs the attention
-    products of every ``.pte`` in fp16 (native on phones with fp16 arithmetic; the manifest records how the float
-    model with fp16 attention agrees with the float model).
+    TorchScript and lite take the float model and the torch.ao / fp16 variants (``"quantized"``); the other formats
+    quantize the float model themselves to their precisions, keeping ``float_layers`` (or the float layers the
+    matching :class:`Quantization` target chose) in float. A :class:`QuantizationAwareTraining` variant gets its
+    own ``.pte``, verified against the variant.
 
-    ``output_dir`` defaults to ``<trainer.log_dir>/artifacts``.
+    ``output_dir`` defaults to ``<trainer.log_dir>/artifacts``. The keys of 0.1 (``formats``, ``<format>_precisions``
+    such as ``executorch_precisions``, ``<format>_<option>`` such as ``executorch_attention``) still work in code and
+    YAML, with a deprecation warning naming the new form.
+
+    Raises:
+        InvalidArgumentError: at construction, an unknown format, precision or option, or a combination a format
+            refuses; in ``setup``, float layers or options the model cannot take.
+
+    Example::
+
+        trainer = Trainer(callbacks=[
+            Quantization(targets=["int8_pt2e:xnnpack"]),
+            MobileExport(artifacts={"executorch": ["fp32", "int8"], "onnx": ["int8"]}),
+        ])
     """
 
+    @legacy_artifact_parameters
     def __init__(
         self,
-        formats: Sequence[str] = ("torchscript", "lite", "executorch", "onnx"),
+        artifacts: Mapping[str, Sequence[str] | None] | Sequence[str] | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
         output_dir: str | os.PathLike | None = None,
-        executorch_precisions: Sequence[str] = ("fp32", "int8", "int4"),
-        onnx_precisions: Sequence[str] = ("fp32", "int8"),
         val_batches: int | None = None,
         batch_size: int = 1,
         calibration_batches: int = 8,
@@ -57,14 +71,20 @@ class MobileExport(FitEndCallback, config=ExportConfig, stage="export"):
         on_failure: str = "raise",
         weights: str | None = None,
         float_layers: Sequence[str] = (),
-        aoti_precisions: Sequence[str] = ("fp32", "int8"),
-        executorch_attention: str = "fp32",
+        **legacy: Any,
     ) -> None:
+        artifacts, options = artifacts_from_arguments(artifacts, options, legacy, "MobileExport")
         config = ExportConfig(
-            formats, output_dir, executorch_precisions, onnx_precisions, val_batches, batch_size,
-            calibration_batches, calibration_split, prefix, tuple(float_layers), tuple(aoti_precisions),
-            executorch_attention,
-        )  # fmt: skip
+            artifacts,
+            options,
+            output_dir=output_dir,
+            val_batches=val_batches,
+            batch_size=batch_size,
+            calibration_batches=calibration_batches,
+            calibration_split=calibration_split,
+            prefix=prefix,
+            float_layers=tuple(float_layers),
+        )
         super().__init__(config, model_attribute, on_failure, weights)
 
     @property

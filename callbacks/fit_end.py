@@ -10,7 +10,6 @@ the :class:`FitEndRun` of their trainer, created at ``setup`` and dropped at ``t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -32,11 +31,15 @@ from pqv_lightning.callbacks._utils import (
 from pqv_lightning.callbacks.checkpoints import warn_if_last_checkpoint_lags
 from pqv_lightning.callbacks.distillation import KnowledgeDistillation
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, summary_line
-from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, read_checkpoint
+from pqv_lightning.callbacks.token_merging import TokenMerging
+from pqv_lightning.checkpoint import STRUCTURE_KEY, TOKENS_KEY, current_structure, read_checkpoint
 from pqv_lightning.pipeline import ExportConfig, PipelineResult, QuantizationConfig, ReportConfig, run_pipeline
 from pqv_lightning.quantization import QuantizedModel
 from pqv_lightning.safe_loading import load_weights_only
+from pqv_lightning.tokens import token_reduction_of
 from pqv_lightning.utils.checks import check_choice, check_identifier
+from pqv_lightning.utils.modules import cpu_float_copy
+from pqv_lightning.utils.progress import Progress
 
 __all__ = ["ON_FAILURE", "WEIGHTS", "FitEndCallback", "FitEndIncompleteError", "FitEndRun"]
 
@@ -119,7 +122,7 @@ class FitEndRun:
         self.trained = (float_model, list(variants), description)
 
     def _keep_dense(self, dense: nn.Module) -> None:
-        self.dense_model = copy.deepcopy(dense).cpu().float().eval().requires_grad_(False)
+        self.dense_model = cpu_float_copy(dense).requires_grad_(False)
 
     def execute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> PipelineResult | None:
         """Run the chain once per fit (later calls return the same result) on global rank 0; every rank waits,
@@ -154,6 +157,8 @@ class FitEndRun:
                     },
                     report_context={**context, "weights": _weights_line(weights)},
                     trained=trained,
+                    # a bar per stage where Lightning shows its own progress bar in a terminal, else a line per step
+                    progress=Progress("fit end", bar=None if trainer.progress_bar_callback is not None else False),
                 )
                 shortfalls = self.result.shortfalls(list(self.configs))
         finally:
@@ -175,13 +180,14 @@ class FitEndRun:
         if not monitored:
             return model, {"weights": "last", "why": "no ModelCheckpoint monitors a metric"}
         structure, prefix = current_structure(model), f"{self.model_attribute}."
+        tokens = _trained_token_reduction(trainer, model)
         for callback in monitored:
             ranked = sorted(callback.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=callback.mode == "max")
             for path, score in ranked:
                 if not Path(path).is_file():
                     continue
                 checkpoint = read_checkpoint(path)
-                if checkpoint.get(STRUCTURE_KEY) != structure:
+                if checkpoint.get(STRUCTURE_KEY) != structure or checkpoint.get(TOKENS_KEY) != tokens:
                     continue
                 best = copy.deepcopy(model)
                 best.load_state_dict(
@@ -194,12 +200,28 @@ class FitEndRun:
                     "score": float(score),
                     "epoch": checkpoint.get("epoch"),
                 }
-        return model, {"weights": "last", "why": "no monitored checkpoint holds the final network (its structure)"}
+        return model, {
+            "weights": "last",
+            "why": "no monitored checkpoint holds the final network (its structure and token reduction)",
+        }
 
     def stage_logged(self, stage: str) -> bool:
         """Note that ``stage`` has logged its part; True once every stage of the chain has."""
         self._logged.add(stage)
         return self._logged >= set(self.configs)
+
+
+def _trained_token_reduction(trainer: pl.Trainer, model: nn.Module) -> dict[str, Any] | None:
+    """The token reduction the final network was trained with, as checkpoints record it: the model's own, unless a
+    ``TokenMerging`` callback applied it only at train end (off the shelf: no checkpoint of the fit holds it)."""
+    reduction = token_reduction_of(model)
+    if reduction is None:
+        return None
+    for callback in trainer.callbacks:
+        summary = getattr(callback, "summary", None)
+        if isinstance(callback, TokenMerging) and summary and summary.get("applied_at") == "train_end":
+            return None
+    return reduction.as_dict()
 
 
 def _weights_line(weights: dict[str, Any]) -> str:
@@ -217,6 +239,13 @@ def _report_context(trainer: pl.Trainer) -> dict[str, Any]:
     for callback in trainer.callbacks:
         if isinstance(callback, ShapeChangingCallback) and callback.summary:
             context["pruning"] = summary_line(callback.summary)
+        if isinstance(callback, TokenMerging) and callback.summary:
+            applied = callback.summary["applied_at"]
+            context["tokens"] = (
+                f"{callback.spec.describe()}, {'off the shelf (at train end)' if applied == 'train_end' else ''}"
+                f"{'' if applied == 'train_end' else f'trained with it from epoch {applied}'}: tokens per block "
+                f"{' -> '.join(map(str, callback.summary['tokens_per_block']))}"
+            )
         if isinstance(callback, KnowledgeDistillation):
             context["distillation"] = (
                 f"{callback.mode} (T={callback.temperature:g}, alpha={callback.alpha:g}) from "
@@ -237,10 +266,6 @@ def _shortfall_line(trainer: pl.Trainer, shortfalls: dict[str, str]) -> str:
     return f"pqv-lightning: the fit trained, but its fit-end chain fell short ({stages}){where}."[:2000]
 
 
-def _config_property(name: str) -> property:
-    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only).")
-
-
 #: The arguments every fit-end callback takes besides its config's fields.
 _SHARED_ARGS = """
         model_attribute: attribute of the LightningModule holding the timm model.
@@ -255,19 +280,23 @@ _SHARED_ARGS = """
 
 
 def _with_args(doc: str, config: type) -> str:
-    """``doc`` followed by an ``Args:`` section: ``config``'s fields (documented once, in the config) and the
-    shared arguments, so the callback's help (LightningCLI reads the docstring) lists them all."""
-    fields = (config.__doc__ or "").partition("    Args:\n")[2].rstrip()
-    return doc.rstrip() + "\n\n    Args:\n" + fields + _SHARED_ARGS
+    """``doc`` with an ``Args:`` section (before its ``Raises:``, if any): ``config``'s fields (documented once, in
+    the config) and the shared arguments, so the callback's help (LightningCLI reads the docstring) lists them all."""
+    lines = (config.__doc__ or "").partition("    Args:\n")[2].splitlines()
+    end = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith("        ")), len(lines))
+    fields = "\n".join(lines[:end]).rstrip()
+    args = "    Args:\n" + fields + _SHARED_ARGS
+    head, raises, tail = doc.rstrip().partition("\n    Raises:\n")
+    return head.rstrip() + "\n\n" + args + ("\n    Raises:\n" + tail + "\n" if raises else "")
 
 
 class FitEndCallback(Callback):
     """Base of the fit-end callbacks (see the module docstring): a frozen config and the shared run.
 
     A subclass names its config class and its stage in the chain (``class MobileExport(FitEndCallback,
-    config=ExportConfig, stage="export")``): every field of the config is then a read-only attribute of the
-    callback, and documented in its ``Args:`` with the arguments every fit-end callback takes. It logs its part
-    of the result in :meth:`log_result`.
+    config=ExportConfig, stage="export")``): the config's fields are documented in its ``Args:`` with the arguments
+    every fit-end callback takes, and read as ``callback.config.<field>``. It logs its part of the result in
+    :meth:`log_result`.
     """
 
     stage: ClassVar[str] = ""
@@ -278,9 +307,6 @@ class FitEndCallback(Callback):
         if config is None:
             return
         cls.stage = stage
-        for field in dataclasses.fields(config):
-            if field.name not in vars(cls):
-                setattr(cls, field.name, _config_property(field.name))
         cls.__doc__ = _with_args(cls.__doc__ or "", config)
 
     def __init__(

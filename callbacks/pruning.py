@@ -14,13 +14,21 @@ import torch_pruning as tp
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from pqv_lightning.callbacks._utils import check_epochs_fit_max_steps, take_batches, train_loader
+from pqv_lightning.callbacks._utils import (
+    check_epochs_fit_max_steps,
+    search_on_rank_zero,
+    take_batches,
+    train_loader,
+)
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback
+from pqv_lightning.callbacks.token_merging import TokenMerging, check_one_latency_knob
 from pqv_lightning.checkpoint import STRUCTURE_KEY, current_structure, restore_pruned_structure
+from pqv_lightning.export.widths import resolve_round_to
 from pqv_lightning.latency_search import LatencySearch, LatencyTarget, search_ratio
 from pqv_lightning.pruning import PruningResult, PruningSpec, apply_structure, check_budget, check_supported, prune
-from pqv_lightning.pruning.widths import resolve_round_to
+from pqv_lightning.tokens import TokenReduction
 from pqv_lightning.utils.checks import check_callable, check_int
+from pqv_lightning.utils.progress import Progress
 
 __all__ = ["StructuredPruning"]
 
@@ -59,7 +67,7 @@ class StructuredPruning(ShapeChangingCallback):
         prune_heads: remove whole attention heads instead of head dimensions.
         ignored_layers: module names (of the timm model) to leave alone; the classifier always is.
         round_to: round kept channel counts down to a multiple (hardware-friendly widths); ``"auto"``: the multiple
-            the int8 kernels of ``latency_target`` run fastest (:func:`pqv_lightning.pruning.widths.kernel_multiple`,
+            the int8 kernels of ``latency_target`` run fastest (:func:`pqv_lightning.export.widths.kernel_multiple`,
             measured by ``benchmarks/width_tiles.py``).
         target_macs: prune until the model has at most this many MACs (the ratio is searched).
         target_params: prune until the model has at most this many parameters.
@@ -76,7 +84,7 @@ class StructuredPruning(ShapeChangingCallback):
             (:mod:`pqv_lightning.latency_search`); a target below what the most-pruned model reaches is refused
             there. The search and the measured latency are kept in the checkpoint state and the pruning summary.
         latency_target: the artifact the latency is measured on: ``"<format>-<precision>"`` (``"onnx-int8"``,
-            ``"executorch-int8"``, ``"aoti-int8"``, ...; :data:`~pqv_lightning.latency_search.LATENCY_ARTIFACTS`)
+            ``"executorch-int8"``, ...: any format's precision; :data:`~pqv_lightning.latency_search.LATENCY_ARTIFACTS`)
             or ``"eager"``, at batch 1.
         threads: runtime threads the latency is measured at (state the same in the report to compare).
     """
@@ -103,8 +111,11 @@ class StructuredPruning(ShapeChangingCallback):
     ) -> None:
         self.latency = None
         if target_latency_ms is not None:
-            given = [n for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
-                     if v is not None]  # fmt: skip
+            given = [
+                n
+                for n, v in (("ratio", ratio), ("target_macs", target_macs), ("target_params", target_params))
+                if v is not None
+            ]
             if given:
                 raise ValueError(
                     f"Give either {given[0]} or target_latency_ms={target_latency_ms!r}, not both; set ratio=None to "
@@ -153,6 +164,8 @@ class StructuredPruning(ShapeChangingCallback):
                 f"Accepted: 0 <= at_epoch < {max_epochs}."
             )
         self._check_budget(trainer)
+        if self.latency is not None:
+            check_one_latency_knob(trainer)
         if self.at_epoch == 0:
             if self.latency is not None and self.latency_search is None:
                 self._search_latency(trainer)
@@ -244,19 +257,19 @@ class StructuredPruning(ShapeChangingCallback):
     def _search_latency(self, trainer: pl.Trainer) -> None:
         """The ratio for ``target_latency_ms``, found on rank 0 by timing pruned copies (the others wait) and
         broadcast; refuses an unreachable target before any training step."""
-        outcome: dict[str, Any] | str | None = None
-        if trainer.is_global_zero:
-            images = take_batches(train_loader(trainer), 1, torch.device("cpu"))[0][0].float()
-            calibration = [images[i : i + 1] for i in range(min(8, images.shape[0]))]
-            try:
-                found = search_ratio(self._model, self.spec, images[:1], self.latency, calibration,
-                                     trials=self._latency_trials)  # fmt: skip
-                outcome = found.as_dict()
-            except ValueError as err:
-                outcome = str(err)
-        outcome = trainer.strategy.broadcast(outcome, src=0)
-        if isinstance(outcome, str):
-            raise ValueError(outcome)
+        outcome = search_on_rank_zero(
+            trainer,
+            lambda example, calibration: search_ratio(
+                self._model,
+                self.spec,
+                example,
+                self.latency,
+                calibration,
+                trials=self._latency_trials,
+                progress=Progress("StructuredPruning"),
+                tokens=_fixed_token_reduction(trainer),
+            ).as_dict(),
+        )
         search = self._adopt(LatencySearch.from_dict(outcome))
         rank_zero_info(
             f"StructuredPruning: target {search.target.target_ms:g} ms for {search.target.describe()}: ratio "
@@ -305,7 +318,19 @@ class StructuredPruning(ShapeChangingCallback):
         if self.latency_search is not None:
             search = self.latency_search
             self.summary.update(
-                latency_target=search.target.artifact, latency_threads=search.target.threads,
-                target_latency_ms=search.target.target_ms, latency_ms=search.latency_ms,
-            )  # fmt: skip
+                latency_target=search.target.artifact,
+                latency_threads=search.target.threads,
+                target_latency_ms=search.target.target_ms,
+                latency_ms=search.latency_ms,
+            )
         return result
+
+
+def _fixed_token_reduction(trainer: pl.Trainer) -> TokenReduction | None:
+    """The token reduction a ``TokenMerging`` callback of this fit will apply at a fixed ``r``: the latency search
+    measures its trial copies with it, so the ratio does what the tokens leave (one with its own latency target is
+    refused in its setup: one knob is searched, the other applied while measuring)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, TokenMerging) and callback.latency is None:
+            return callback.spec
+    return None

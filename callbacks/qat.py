@@ -27,6 +27,7 @@ from pqv_lightning.callbacks._lightning_internals import rewrap_ddp
 from pqv_lightning.callbacks._utils import timm_model_of
 from pqv_lightning.callbacks.fit_end import FitEndRun
 from pqv_lightning.callbacks.shape_change import ShapeChangingCallback, retarget_optimizers
+from pqv_lightning.callbacks.token_merging import TokenMerging
 from pqv_lightning.quantization import (
     QuantizedModel,
     check_qat_target,
@@ -125,6 +126,15 @@ class QuantizationAwareTraining(Callback):
             return
         self._reset()
         self.result = None
+        precision = str(trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            # The fake-quantized model is float32 (it is exported and converted so); a "-true" precision hands it
+            # batches in its own dtype at every step, and the first layer refuses them.
+            raise invalid(
+                "precision",
+                precision,
+                "32-true, 16-mixed or bf16-mixed: quantization-aware training trains a float32 fake-quantized model",
+            )
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
             raise invalid(
@@ -143,6 +153,15 @@ class QuantizationAwareTraining(Callback):
                         f"an int >= {changes}: {type(callback).__name__} changes the model at epoch {changes}, and "
                         "quantization-aware training fine-tunes the final network",
                     )
+            if isinstance(callback, TokenMerging) and (
+                callback.at_epoch is None or callback.at_epoch > self.start_epoch
+            ):
+                raise invalid(
+                    "at_epoch",
+                    callback.at_epoch,
+                    f"an int <= {self.start_epoch} for TokenMerging: QuantizationAwareTraining exports the model at "
+                    f"its start_epoch={self.start_epoch} and fine-tunes that graph, which must already reduce tokens",
+                )
         self._layers = resolve_float_layers(model, self.float_layers, self.target.method)
         _install_restore_hook(pl_module, self)
 
@@ -189,8 +208,12 @@ class QuantizationAwareTraining(Callback):
                     state[name].copy_(value.to(state[name].device))
         if not trainer.is_global_zero:
             return
-        info = {"start_epoch": self.start_epoch, "epochs": trainer.current_epoch + 1 - self.start_epoch,
-                "global_step": trainer.global_step, "float_layers": list(self._layers)}  # fmt: skip
+        info = {
+            "start_epoch": self.start_epoch,
+            "epochs": trainer.current_epoch + 1 - self.start_epoch,
+            "global_step": trainer.global_step,
+            "float_layers": list(self._layers),
+        }
         trained = float_weights(prepared, self._template)
         variant = convert_qat(prepared, self.target, self._layers, info={"qat": info}, source=trained)
         self.result = QATResult(trained, variant, info)
@@ -208,8 +231,13 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"target": str(self.target), "start_epoch": self.start_epoch, "float_layers": list(self.float_layers),
-                "group_size": self.group_size, "active": self.active}  # fmt: skip
+        return {
+            "target": str(self.target),
+            "start_epoch": self.start_epoch,
+            "float_layers": list(self.float_layers),
+            "group_size": self.group_size,
+            "active": self.active,
+        }
 
     def describe(self) -> str:
         layers = f", {len(self._layers)} layer(s) in float" if self._layers else ", every layer quantized"
@@ -259,13 +287,20 @@ class QuantizationAwareTraining(Callback):
         model = getattr(pl_module, self.model_attribute)
         device = next(model.parameters()).device
         self._template = copy.deepcopy(model).cpu()
-        example = torch.zeros(example_shape, device=device)
+        # The graph is built from the CPU copy, on the CPU where it is converted at train end, and then moved to the
+        # training device: the same graph whatever the accelerator.
+        example = torch.zeros(example_shape)
         from pqv_lightning.export import prepare_for_xnnpack  # imports ExecuTorch (~8 s): only when QAT starts
 
-        prepared = prepare_qat(prepare_for_xnnpack(model), self.target, example, self._layers, group_size)
+        prepared = prepare_qat(prepare_for_xnnpack(self._template), self.target, example, self._layers, group_size)
         setattr(pl_module, self.model_attribute, prepared.to(device))
-        self._recipe = {"target": str(self.target), "float_layers": list(self._layers), "group_size": group_size,
-                        "example_shape": list(example_shape), "start_epoch": self.start_epoch}  # fmt: skip
+        self._recipe = {
+            "target": str(self.target),
+            "float_layers": list(self._layers),
+            "group_size": group_size,
+            "example_shape": list(example_shape),
+            "start_epoch": self.start_epoch,
+        }
 
 
 def _install_restore_hook(pl_module: pl.LightningModule, callback: QuantizationAwareTraining) -> None:

@@ -32,6 +32,16 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
     :class:`QuantizationAwareTraining` variant is evaluated here beside the post-training ones.
 
     Works on any LightningModule that exposes its timm model as ``model`` (or ``model_attribute``).
+
+    Raises:
+        InvalidArgumentError: at construction, a target this installation cannot build or a bad value; in ``setup``,
+            float layers that match no layer of the model or a budget the model cannot meet.
+        FitEndIncompleteError: at fit end, after everything was saved, when no variant could be built (with
+            ``on_failure="raise"``, the default).
+
+    Example::
+
+        trainer = Trainer(callbacks=[Quantization(targets=["int8_pt2e:xnnpack", "int4_weight"], max_drop=0.5)])
     """
 
     def __init__(
@@ -50,9 +60,16 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         granularity: str = "layer",
     ) -> None:
         config = QuantizationConfig(
-            tuple(targets), calibration_batches, calibration_split, eval_batches, tuple(float_layers),
-            max_float_layers, max_drop, tuple(sensitivity), granularity,
-        )  # fmt: skip
+            targets=tuple(targets),
+            calibration_batches=calibration_batches,
+            calibration_split=calibration_split,
+            eval_batches=eval_batches,
+            float_layers=tuple(float_layers),
+            max_float_layers=max_float_layers,
+            max_drop=max_drop,
+            sensitivity=tuple(sensitivity),
+            granularity=granularity,
+        )
         super().__init__(config, model_attribute, on_failure, weights)
 
     @property
@@ -80,7 +97,7 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
             rank_zero_warn(f"Quantization: no variant built: {result.quantization_error}")
             return
         table = results_table(result.float_metrics, result.quantization)
-        images = "all" if self.eval_batches is None else f"{self.eval_batches} batches of"
+        images = "all" if self.config.eval_batches is None else f"{self.config.eval_batches} batches of"
         rank_zero_info(f"Quantization: accuracy on {images} the validation data\n{table}")
         for r in result.quantization:
             if r.error is not None:

@@ -34,6 +34,15 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
     measurement is logged as a warning and the fit's result stays.
 
     ``output_dir`` defaults to ``<trainer.log_dir>/report``.
+
+    Raises:
+        InvalidArgumentError: at construction, a value out of range (threads, runs, batch, profile).
+        FitEndIncompleteError: at fit end, after everything was saved, when nothing could be measured (with
+            ``on_failure="raise"``, the default).
+
+    Example::
+
+        trainer = Trainer(callbacks=[Quantization(), MobileExport(), TradeoffReport(threads=2, batch=None)])
     """
 
     def __init__(
@@ -53,7 +62,16 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
         weights: str | None = None,
     ) -> None:
         config = ReportConfig(
-            output_dir, threads, warmup, runs, batch, memory, profile, profile_top, include_dense, val_batches
+            output_dir=output_dir,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            batch=batch,
+            memory=memory,
+            profile=profile,
+            profile_top=profile_top,
+            include_dense=include_dense,
+            val_batches=val_batches,
         )
         super().__init__(config, model_attribute, on_failure, weights)
 
@@ -101,7 +119,9 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
         text = self.files["markdown"].read_text()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            logger.log_hyperparams({"tradeoff_threads": self.threads, "tradeoff_batch": self.batch or 1}, headline)
+            logger.log_hyperparams(
+                {"tradeoff_threads": self.config.threads, "tradeoff_batch": self.config.batch or 1}, headline
+            )
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text("tradeoff/report", text, global_step=trainer.global_step)
@@ -115,7 +135,7 @@ class TradeoffReport(FitEndCallback, config=ReportConfig, stage="report"):
         front = [p for p in self.points if p.pareto]
         choices = ", ".join(f"{p.name} ({p.latency_ms:.3f} ms, {p.top1 * 100:.2f}%)" for p in front)
         rank_zero_info(
-            f"TradeoffReport: {len(self.points)} variants measured at {self.threads} thread(s); Pareto front: "
+            f"TradeoffReport: {len(self.points)} variants measured at {self.config.threads} thread(s); Pareto front: "
             f"{choices}; report {self.files['markdown']}"
         )
 

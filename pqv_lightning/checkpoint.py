@@ -1,4 +1,5 @@
-"""Checkpoints without Lightning: the pruned structure stored as data, and ViTClassifier checkpoints read safely.
+"""Checkpoints without Lightning: the pruned structure and the token reduction stored as data, and ViTClassifier
+checkpoints read safely.
 
 Everything here loads with ``weights_only=True``: nothing in a file is unpickled, whoever handed it over. A file
 that is not what it should be is refused with what it is and what was expected, before any long work starts.
@@ -17,18 +18,22 @@ from pqv_lightning.utils.torch_files import CheckpointError, read_checkpoint
 __all__ = [
     "CLASSIFIER_CHECKPOINT",
     "STRUCTURE_KEY",
+    "TOKENS_KEY",
     "CheckpointError",
     "ClassifierCheckpoint",
     "current_structure",
     "load_classifier_checkpoint",
     "read_checkpoint",
     "restore_pruned_structure",
+    "restore_token_reduction",
     "set_structure",
 ]
 
 #: Checkpoint key holding the pruned structure (plain data, loadable with ``weights_only=True``).
 STRUCTURE_KEY = "pqv_pruned_structure"
 _MODEL_ATTRIBUTE = "pqv_pruned_structure"
+#: Checkpoint key holding the token reduction the model runs with (``TokenReduction.as_dict()``, plain data).
+TOKENS_KEY = "pqv_token_reduction"
 
 #: What :func:`load_classifier_checkpoint` expects, in its error messages.
 CLASSIFIER_CHECKPOINT = (
@@ -71,13 +76,29 @@ def restore_pruned_structure(model: nn.Module, checkpoint: dict[str, Any]) -> bo
     return True
 
 
+def restore_token_reduction(model: nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """Give ``model`` the token reduction stored in ``checkpoint`` (ToMe merging or EViT pruning; parameters are
+    unchanged, so before or after the weights load alike). Idempotent; the checkpoint's settings replace any the
+    model has. Returns whether the checkpoint held a reduction.
+    """
+    stored = checkpoint.get(TOKENS_KEY)
+    if stored is None:
+        return False
+    from pqv_lightning.tokens import TokenReduction, apply_token_reduction
+
+    apply_token_reduction(model, TokenReduction.from_dict(stored))
+    return True
+
+
 @dataclass
 class ClassifierCheckpoint:
-    """The timm model of a ViTClassifier checkpoint (pruned structure rebuilt, weights loaded) and its settings."""
+    """The timm model of a ViTClassifier checkpoint (pruned structure and token reduction rebuilt, weights loaded)
+    and its settings."""
 
     model: nn.Module
     hyper_parameters: dict[str, Any]
     pruned: bool
+    token_reduction: dict[str, Any] | None = None
 
 
 def _classifier_problem(checkpoint: Any) -> str | None:
@@ -99,7 +120,8 @@ def load_classifier_checkpoint(path: str | os.PathLike) -> ClassifierCheckpoint:
     """The timm model stored in a ViTClassifier checkpoint, rebuilt without Lightning (weights-only read).
 
     The architecture comes from the checkpoint's hyper-parameters (``model_name``, ``num_classes``,
-    ``model_kwargs``), the pruned structure from its plain-data record, then the ``model.*`` weights load strictly.
+    ``model_kwargs``), the pruned structure and the token reduction from their plain-data records, then the
+    ``model.*`` weights load strictly.
     """
     from pqv_lightning.models import create_timm_model
 
@@ -112,6 +134,7 @@ def load_classifier_checkpoint(path: str | os.PathLike) -> ClassifierCheckpoint:
         hparams["model_name"], num_classes=int(hparams["num_classes"]), **dict(hparams.get("model_kwargs") or {})
     )
     restore_pruned_structure(model, checkpoint)
+    restore_token_reduction(model, checkpoint)
     weights = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)
@@ -120,4 +143,5 @@ def load_classifier_checkpoint(path: str | os.PathLike) -> ClassifierCheckpoint:
             f"{os.fspath(path)!r}: its weights do not fit {hparams['model_name']!r} built from its own "
             f"hyper-parameters ({str(err).strip().splitlines()[0][:300]})."
         ) from None
-    return ClassifierCheckpoint(model.eval(), hparams, current_structure(model) is not None)
+    tokens = checkpoint.get(TOKENS_KEY)
+    return ClassifierCheckpoint(model.eval(), hparams, current_structure(model) is not None, tokens)

@@ -179,13 +179,22 @@ class Distiller:
         self.calls = 0
         self.last_term: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> Distiller:
-        self.teacher.to(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Distiller:
+        """Move the teacher (and cast its floating tensors to ``dtype``, when given)."""
+        self.teacher.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on ``images``; the teacher first follows them to their device and floating dtype
+        (a teacher read from a file or captured in ``setup`` sits on the CPU in float32, while a fit's images may
+        be on a GPU, or bf16 / float64 under ``precision="bf16-true"`` / ``"64-true"``)."""
         self.teacher.eval()
+        param = next(self.teacher.parameters(), None)
+        if param is not None:
+            dtype = images.dtype if images.is_floating_point() and param.is_floating_point() else param.dtype
+            if param.device != images.device or param.dtype != dtype:
+                self.to(images.device, dtype)
         return self.teacher(images)
 
     def __call__(self, images: torch.Tensor, student_logits: torch.Tensor, label_loss: torch.Tensor) -> torch.Tensor:

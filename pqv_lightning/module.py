@@ -7,6 +7,7 @@ model in ``self.model``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
@@ -20,13 +21,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.optim import param_groups_weight_decay
 from torchmetrics.classification import MulticlassAccuracy
 
-from pqv_lightning.checkpoint import read_checkpoint, restore_pruned_structure
+from pqv_lightning.checkpoint import read_checkpoint, restore_pruned_structure, restore_token_reduction
 from pqv_lightning.distillation import distill
 from pqv_lightning.models import create_timm_model
 from pqv_lightning.safe_loading import load_weights_only
 from pqv_lightning.utils.checks import check_int, check_number
 
 __all__ = ["ViTClassifier", "restarted_warmup_cosine", "warmup_cosine"]
+
+#: Set while :meth:`ViTClassifier.from_checkpoint` builds the module: the start weights are not fetched again.
+_RESTORING: contextvars.ContextVar[bool] = contextvars.ContextVar("pqv_restoring_checkpoint", default=False)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
@@ -54,8 +58,14 @@ class ViTClassifier(pl.LightningModule):
     Args:
         model_name: timm architecture, e.g. ``"deit_small_patch16_224"`` (unknown names fail with suggestions).
         num_classes: number of classes; must match the data module's.
-        pretrained: load timm's released weights for ``model_name`` (a download, cached by timm).
-        checkpoint_path: load weights from a local file through timm's pretrained-file mechanism instead.
+        pretrained: load timm's released weights for ``model_name`` (a download, then the Hugging Face cache;
+            ``HF_HUB_OFFLINE=1``: the cache only). Weights neither cached nor downloadable fail at once, naming
+            ``checkpoint_path`` as the local alternative.
+        checkpoint_path: start from a local file instead: a timm ``.safetensors`` / ``.pth`` / ``.bin``, or a
+            Lightning ``.ckpt`` of a dense ``ViTClassifier`` (your own finetune), whose weights then start a NEW run
+            (e.g. a pruning run: ``--model.init_args.checkpoint_path=last.ckpt``); to continue that run instead,
+            pass it as ``ckpt_path`` (``--ckpt_path``). Another class count re-initialises the classifier with a
+            warning; another width is refused. See :func:`pqv_lightning.models.create_timm_model`.
         model_kwargs: timm keyword arguments: ``img_size``, ``patch_size``, ``in_chans``, ``depth``,
             ``embed_dim``, ``num_heads``, ``drop_path_rate``, ...
         lr: peak learning rate of the default AdamW.
@@ -101,11 +111,12 @@ class ViTClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        restoring = _RESTORING.get()  # from_checkpoint: the checkpoint's weights replace the start weights
         self.model = create_timm_model(
             model_name,
             num_classes=num_classes,
-            pretrained=pretrained,
-            checkpoint_path=checkpoint_path,
+            pretrained=pretrained and not restoring,
+            checkpoint_path=None if restoring else checkpoint_path,
             **(model_kwargs or {}),
         )
         top_k = min(5, num_classes)
@@ -228,12 +239,20 @@ class ViTClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict is loaded (load_from_checkpoint and trainer.fit(ckpt_path=...)):
-        # rebuild a pruned architecture from the structure stored as data in the checkpoint.
+        # rebuild a pruned architecture and the token reduction from the data stored in the checkpoint.
         restore_pruned_structure(self.model, checkpoint)
+        restore_token_reduction(self.model, checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: Any) -> ViTClassifier:
         """``load_from_checkpoint`` with ``weights_only=True`` and on CPU: nothing in the file is unpickled. A file
-        that is no checkpoint (empty, truncated, not torch's) is refused first, saying which."""
+        that is no checkpoint (empty, truncated, not torch's) is refused first, saying which.
+
+        The run's start weights (``pretrained``, ``checkpoint_path``) are not fetched again: the checkpoint holds
+        every weight, so it loads offline and after the start file is gone; its hyper-parameters still name them."""
         read_checkpoint(path, "a Lightning checkpoint of ViTClassifier", mmap=True)
-        return cls.load_from_checkpoint(os.fspath(path), map_location="cpu", weights_only=True, **kwargs)
+        token = _RESTORING.set(True)
+        try:
+            return cls.load_from_checkpoint(os.fspath(path), map_location="cpu", weights_only=True, **kwargs)
+        finally:
+            _RESTORING.reset(token)

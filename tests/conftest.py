@@ -182,6 +182,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, extra_env: dict | 
 
 
 @pytest.fixture
+def ddp_probe(tmp_path) -> Path:
+    """``tests/ddp_probe.py`` copied into ``tmp_path`` (run the CLI with ``PYTHONPATH=tmp_path``), where a recipe
+    names ``ddp_probe.SaveRankState`` and a test's own probe module imports its helpers."""
+    target = tmp_path / "ddp_probe.py"
+    target.write_text((REPO / "tests" / "ddp_probe.py").read_text())
+    return target
+
+
+@pytest.fixture
 def cli():
     """``cli(args, cwd)`` runs ``python train.py *args`` in a subprocess."""
     return run_cli

@@ -175,7 +175,14 @@ def test_no_private_name_crosses_a_module_boundary():
 
 def test_every_package_folder_is_installed():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    # data-only packages (the recipes: a folder of YAML files mapped by package-dir, no __init__.py) hold no module
+    data = {
+        name
+        for name, folder in setuptools.get("package-dir", {}).items()
+        if not (REPO / folder / "__init__.py").exists()
+    }
+    listed = set(setuptools["packages"]) - data
     packages = {name for name in MODULES if _is_package(name)}
     assert packages == listed, (
         f"missing from pyproject: {sorted(packages - listed)}; stale: {sorted(listed - packages)}"

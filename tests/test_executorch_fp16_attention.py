@@ -85,12 +85,12 @@ def test_bad_attention_requests_are_refused(vit) -> None:
         ExportConfig(executorch_attention="half")
     with pytest.raises(ValueError, match=r"executorch_attention.*'fp16'.*'fp32' with executorch precision 'int8'"):
         ExportConfig(executorch_precisions=("fp32", "int8", "int4"), executorch_attention="fp16")
-    assert ExportConfig(formats=("onnx",), executorch_attention="fp16").executorch_attention == "fp16"
+    assert ExportConfig(formats=("onnx",), executorch_attention="fp16").options["executorch"]["attention"] == "fp16"
     with pytest.raises(ValueError, match=r"attention.*static int8"):
         export_pte(vit, x, "int8", calibration=[x], attention="fp16")
-    config = ExportConfig(formats=("executorch",), executorch_precisions=("int8_dynamic",), executorch_attention="fp16")
+    config = ExportConfig({"executorch": ["int8_dynamic"]}, {"executorch": {"attention": "fp16"}})
     config.check_model(vit)  # what MobileExport runs in setup, before training
-    with pytest.raises(ValueError, match=r"executorch_attention='fp16'.*Sequential: it has no timm Attention"):
+    with pytest.raises(ValueError, match=r"\['attention'\]='fp16'.*Sequential: it has no timm Attention"):
         config.check_model(mlp)
 
 
@@ -110,7 +110,7 @@ def test_mobile_export_writes_fp16_attention_and_the_report_says_so(tmp_path, tr
                          enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(trained_classifier(), DigitsDataModule(img_size=16, in_chans=1, batch_size=32, augment=False))
     manifest = json.loads((tmp_path / "artifacts" / "manifest.json").read_text())
-    assert manifest["meta"]["executorch_attention"] == "fp16"
+    assert manifest["meta"]["options"]["executorch"]["attention"] == "fp16"
     records = {r["name"]: r for r in manifest["artifacts"]}
     assert sorted(records) == ["executorch-fp32", "executorch-int8_dynamic"]
     for record in records.values():

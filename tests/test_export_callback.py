@@ -140,7 +140,7 @@ def test_a_failed_export_is_recorded_without_raising(tmp_path, monkeypatch, trai
     def broken(*args, **kwargs):
         raise RuntimeError("simulated exporter crash")
 
-    monkeypatch.setattr("pqv_lightning.pipeline.export_artifacts", broken)
+    monkeypatch.setattr("pqv_lightning.pipeline.export.export_artifacts", broken)
     export = MobileExport(
         formats=["onnx"], onnx_precisions=["fp32"], output_dir=tmp_path / "out", val_batches=1, on_failure="warn"
     )

@@ -198,28 +198,8 @@ def test_quantization_and_export_at_fit_end(tmp_path) -> None:
     assert pte["extra"]["outside_ops"] == {}
 
 
-RANK_PROBE = """
-import os
-
-import torch
-from lightning.pytorch import Callback
-
-
-class SaveRankState(Callback):
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-"""
-
-
 @pytest.mark.slow
-def test_ddp_ranks_build_the_identical_coupling_pruned_network(tmp_path, cli) -> None:
-    (tmp_path / "rank_probe.py").write_text(RANK_PROBE)
+def test_ddp_ranks_build_the_identical_coupling_pruned_network(tmp_path, cli, ddp_probe) -> None:
     name, kwargs, size = CHAIN["levit"]
     model_kwargs = {**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}, "in_chans": 1}
     config = textwrap.dedent(
@@ -239,7 +219,7 @@ def test_ddp_ranks_build_the_identical_coupling_pruned_network(tmp_path, cli) ->
           callbacks:
             - class_path: pqv_lightning.callbacks.StructuredPruning
               init_args: {{ratio: 0.25, importance: taylor, calibration_batches: 2, at_epoch: 1}}
-            - class_path: rank_probe.SaveRankState
+            - class_path: ddp_probe.SaveRankState
               init_args: {{out_dir: {tmp_path}}}
         model:
           class_path: pqv_lightning.ViTClassifier

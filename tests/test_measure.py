@@ -43,13 +43,16 @@ def records(model, tmp_path_factory):
     recs = export_artifacts(
         model,
         tmp_path_factory.mktemp("artifacts"),
-        ["torchscript", "lite", "executorch", "onnx", "aoti"],
+        {
+            "torchscript": ["fp32", "quantized"],
+            "lite": ["fp32", "quantized"],
+            "executorch": ["fp32"],
+            "onnx": ["fp32"],
+            "aoti": ["fp32"],
+        },
         x,
         val,
         quantized=[q],
-        executorch_precisions=["fp32"],
-        aoti_precisions=["fp32"],
-        onnx_precisions=["fp32"],
     )
     return {r.name: r for r in recs}
 
@@ -94,7 +97,7 @@ def test_bad_kind_and_threads_rejected(model):
         make_runner(model, "eager", x, threads=0)
     with pytest.raises(FileNotFoundError, match="needs the path"):
         make_runner("/nonexistent.onnx", "onnx", x)
-    with pytest.raises(ValueError, match="accepted: torchscript, lite, onnx, executorch, aoti"):
+    with pytest.raises(ValueError, match="accepted: torchscript, lite, executorch, onnx, aoti"):
         peak_memory("/nonexistent.pt", "eager", [1, 3, 32, 32])
     with pytest.raises(ValueError, match="suffix"):
         kind_of("model.bin")

@@ -83,7 +83,7 @@ def test_the_chain_ships_the_budget_and_reports_the_sensitivity(trained_tiny_vit
         trained_tiny_vit, val, train,
         quantization=QuantizationConfig(("int4_weight", "int8_dynamic:x86"), 2, max_float_layers=1,
                                         sensitivity=("int8_dynamic:x86",), granularity="block"),
-        export=ExportConfig(("executorch", "onnx"), tmp_path / "artifacts", ("int4",), ("int8",),
+        export=ExportConfig({"executorch": ["int4"], "onnx": ["int8"]}, output_dir=tmp_path / "artifacts",
                             calibration_batches=2),
         report=ReportConfig(tmp_path / "report", warmup=1, runs=3, batch=None, memory=False, profile=None),
     )  # fmt: skip

@@ -416,37 +416,11 @@ def test_fused_and_eager_attention_agree_after_pruning_in_fit(tmp_path, tiny_vit
 
 
 # --------------------------------------------------------------------------------------------------------- DDP
-PROBE_MODULE = '''
-import os
-
-import torch
-from lightning.pytorch import Callback
-
-
-class SaveRankState(Callback):
-    """Each rank writes its model's state dict at train end (for the test to compare)."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        held = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
-        ids = {id(p) for p in pl_module.parameters()}
-        state["stale_optimizer_params"] = torch.tensor(sum(id(p) not in ids for p in held))
-        state["ddp_wrapped_params"] = torch.tensor(
-            sum(p.numel() for p in trainer.strategy.model.parameters())
-        )
-        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-'''
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("at_epoch", [0, 1])
-def test_ddp_ranks_build_identical_network(tmp_path, cli, at_epoch):
-    (tmp_path / "rank_probe.py").write_text(PROBE_MODULE)
+def test_ddp_ranks_build_identical_network(tmp_path, cli, ddp_probe, at_epoch):
     config = textwrap.dedent(
         f"""
         seed_everything: 0
@@ -468,7 +442,7 @@ def test_ddp_ranks_build_identical_network(tmp_path, cli, at_epoch):
                 importance: taylor
                 calibration_batches: 2
                 at_epoch: {at_epoch}
-            - class_path: rank_probe.SaveRankState
+            - class_path: ddp_probe.SaveRankState
               init_args:
                 out_dir: {tmp_path}
         model:

@@ -7,9 +7,9 @@ import timm
 import torch
 
 from pqv_lightning.callbacks import StructuredPruning
+from pqv_lightning.export.widths import KERNEL_MULTIPLE, KERNEL_OF, kernel_multiple, resolve_round_to
 from pqv_lightning.latency_search import LATENCY_ARTIFACTS
 from pqv_lightning.pruning import PruningSpec, prune
-from pqv_lightning.pruning.widths import KERNEL_MULTIPLE, KERNEL_OF, kernel_multiple, resolve_round_to
 
 
 def test_every_latency_target_has_a_kernel_multiple() -> None:

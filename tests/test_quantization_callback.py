@@ -176,7 +176,7 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
 
 
 def test_zero_calibration_is_fine_for_dynamic_targets():
-    assert Quantization(["int8_dynamic:x86", "fp16"], calibration_batches=0).calibration_batches == 0
+    assert Quantization(["int8_dynamic:x86", "fp16"], calibration_batches=0).config.calibration_batches == 0
 
 
 def test_engine_missing_from_this_torch_build(monkeypatch):

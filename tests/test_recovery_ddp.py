@@ -30,17 +30,12 @@ TRAIN_BATCHES = 2  # per rank and epoch
 # pruning callbacks, so before pruning), and at train end its state, attention sizes, logits on fixed images, its
 # teacher and what DDP and the optimizers hold.
 PROBE_MODULE = """
-import os
-
 import torch
+from ddp_probe import ddp_wrapped_params, held_params, save_rank_report, stale_optimizer_params, state_of
 from lightning.pytorch import Callback
 
 from pqv_lightning.checkpoint import current_structure
 from pqv_lightning.pruning.gates import gates_of
-
-
-def _state(module):
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 class RankProbe(Callback):
@@ -51,12 +46,12 @@ class RankProbe(Callback):
         self.start = {}
 
     def on_train_start(self, trainer, pl_module):
-        self.start = {"global_step": trainer.global_step, "state": _state(pl_module)}
+        self.start = {"global_step": trainer.global_step, "state": state_of(pl_module)}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx:
             return
-        held = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
+        held = held_params(trainer)
         model = pl_module.model
         self.epochs.append({
             "epoch": trainer.current_epoch,
@@ -69,10 +64,10 @@ class RankProbe(Callback):
         })
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.before_epoch_end[trainer.current_epoch] = _state(pl_module.model)
+        self.before_epoch_end[trainer.current_epoch] = state_of(pl_module.model)
 
     def on_train_end(self, trainer, pl_module):
-        held = [p for o in trainer.optimizers for g in o.param_groups for p in g["params"]]
+        held = held_params(trainer)
         kd = [cb for cb in trainer.callbacks if type(cb).__name__ == "KnowledgeDistillation"]
         teacher = kd[0].teacher if kd else None
         term = trainer.callback_metrics.get("train/distill_term")
@@ -88,15 +83,15 @@ class RankProbe(Callback):
             "epochs": self.epochs,
             "start": self.start,
             "before_epoch_end": self.before_epoch_end,
-            "state": _state(pl_module),
+            "state": state_of(pl_module),
             "structure": current_structure(pl_module.model),
             "logits": logits,
             "attention": attention,
             "global_step": trainer.global_step,
-            "stale_optimizer_params": sum(all(p is not q for q in pl_module.parameters()) for p in held),
-            "ddp_wrapped_params": sum(p.numel() for p in trainer.strategy.model.parameters()),
+            "stale_optimizer_params": stale_optimizer_params(trainer, pl_module),
+            "ddp_wrapped_params": ddp_wrapped_params(trainer),
             "module_params": sum(p.numel() for p in pl_module.parameters()),
-            "teacher": None if teacher is None else _state(teacher),
+            "teacher": None if teacher is None else state_of(teacher),
             "teacher_in_optimizer": 0 if teacher is None else sum(
                 any(p is q for q in held) for p in teacher.parameters()
             ),
@@ -104,9 +99,7 @@ class RankProbe(Callback):
             "teacher_training": bool(teacher is not None and teacher.training),
             "distill_term": None if term is None else float(term),
         }
-        path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save(report, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        save_rank_report(trainer, report, self.out_dir)
 """
 
 MODEL_KWARGS = "{img_size: 16, patch_size: 4, in_chans: 1, depth: 2, embed_dim: 64, num_heads: 4}"
@@ -131,7 +124,7 @@ def ddp_config(out_dir: Path, ckpt_dir: Path, callbacks: str, max_epochs: int) -
           enable_progress_bar: false
           enable_model_summary: false
           callbacks:
-            - class_path: ddp_probe.RankProbe
+            - class_path: recovery_probe.RankProbe
               init_args: {{out_dir: "{out_dir}"}}
         """
     )
@@ -155,9 +148,15 @@ def ddp_config(out_dir: Path, ckpt_dir: Path, callbacks: str, max_epochs: int) -
     return head + textwrap.indent(textwrap.dedent(callbacks), "    ") + tail
 
 
+def _write_probes(folder: Path) -> None:
+    """This module's probe and the shared DDP helpers it imports, where the CLI subprocess imports them."""
+    (folder / "recovery_probe.py").write_text(PROBE_MODULE)
+    (folder / "ddp_probe.py").write_text((Path(__file__).parent / "ddp_probe.py").read_text())
+
+
 def run_ddp(cli, tmp_path: Path, name: str, callbacks: str, max_epochs: int, ckpt_path: Path | None = None):
     """Run ``train.py fit`` under 2-process DDP; return (completed process, [rank0 report, rank1 report])."""
-    (tmp_path / "ddp_probe.py").write_text(PROBE_MODULE)
+    _write_probes(tmp_path)
     out = tmp_path / name
     out.mkdir()
     config = tmp_path / f"{name}.yaml"
@@ -368,7 +367,7 @@ def test_ddp_teacher_with_other_classes_fails_on_every_rank_before_training(tmp_
     trainer.strategy.connect(module)
     trainer.save_checkpoint(teacher)
     callbacks = TEACHER_WITH_OTHER_CLASSES.replace("TEACHER", str(teacher))
-    (tmp_path / "ddp_probe.py").write_text(PROBE_MODULE)
+    _write_probes(tmp_path)
     (tmp_path / "out").mkdir()
     config = tmp_path / "bad.yaml"
     config.write_text(ddp_config(tmp_path / "out", tmp_path / "ckpt", callbacks, max_epochs=2))

@@ -225,7 +225,7 @@ def test_callback_reports_every_variant_to_files_and_tensorboard(tmp_path, train
 
 
 def test_callback_warns_and_keeps_the_fit_when_measuring_fails(tmp_path, trained_classifier, monkeypatch):
-    import pqv_lightning.pipeline as pipeline  # where the callback's report stage looks measure_tradeoffs up
+    import pqv_lightning.pipeline.report as pipeline  # where the callback's report stage looks measure_tradeoffs up
 
     def broken(*args, **kwargs):
         raise RuntimeError("timer broke")

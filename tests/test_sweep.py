@@ -67,6 +67,20 @@ def test_grid_has_one_unpruned_point_and_every_ratio_criterion_pair(tmp_path):
     assert spec.latency_target("t1.5ms_l2").artifact == "eager" and spec.latency_target("dense") is None
 
 
+def test_the_tokens_axis_repeats_every_point_at_each_r(tmp_path):
+    spec = load_spec(_config(tmp_path, ratios=[0.0, 0.25], importances=["l2"], tokens=[0, 8]))
+    assert [p[0] for p in grid(spec)] == ["dense", "r0.25_l2", "dense_tome8", "r0.25_l2_tome8"]
+    assert spec.token_reduction("r0.25_l2_tome8").as_dict()["r"] == 8 and spec.token_reduction("r0.25_l2") is None
+    spec = load_spec(_config(tmp_path, ratios=[0.0], tokens=[4], token_method="prune"))
+    assert [p[0] for p in grid(spec)] == ["dense_evit4"] and spec.token_reduction("dense_evit4").method == "prune"
+    for tokens, message in (([], r"tokens=\[\] is invalid"), ([-1], r"tokens\[0\]=-1 is invalid"),
+                            ([4, 4], "each r once")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_spec(_config(tmp_path, tokens=tokens))
+    with pytest.raises(ValueError, match="token_method='drop' is invalid; accepted: merge, prune"):
+        load_spec(_config(tmp_path, token_method="drop"))
+
+
 @pytest.mark.slow
 def test_a_latency_point_searches_its_ratio_on_the_dense_model_and_caches_the_trials(tmp_path, monkeypatch):
     import pqv_lightning.latency_search as ls

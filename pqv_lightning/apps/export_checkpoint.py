@@ -1,7 +1,7 @@
 """``pqv-export``: quantize, export and verify a trained pqv-lightning checkpoint, without training.
 
     pqv-export --checkpoint runs/quickstart/version_0/checkpoints/last.ckpt \\
-        --quantize int8_dynamic:x86 fp16 --formats torchscript onnx --output-dir artifacts
+        --quantize int8_dynamic:x86 fp16 --artifacts torchscript onnx=fp32,int8 --output-dir artifacts
 
 The checkpoint (pruned or not) is loaded with ``weights_only=True``: nothing in it is unpickled. Every file is
 loaded back in its own runtime and compared with the eager model on real validation images; ``manifest.json``
@@ -22,14 +22,13 @@ from typing import Any
 import torch
 
 from pqv_lightning.checkpoint import CheckpointError, ClassifierCheckpoint, load_classifier_checkpoint
-from pqv_lightning.export import (
-    AOTI_PRECISIONS,
-    ATTENTION_PRECISIONS,
-    DEFAULT_FORMATS,
-    EXECUTORCH_PRECISIONS,
-    FORMATS,
-    ONNX_PRECISIONS,
-    check_output_dir,
+from pqv_lightning.export import check_output_dir
+from pqv_lightning.export.formats import (
+    artifacts_from_arguments,
+    format_names,
+    get_format,
+    legacy_artifact_keys,
+    list_formats,
 )
 from pqv_lightning.pipeline import (
     CALIBRATION_SPLITS,
@@ -39,7 +38,8 @@ from pqv_lightning.pipeline import (
     run_pipeline,
 )
 from pqv_lightning.quantization import results_table
-from pqv_lightning.utils.checks import check_int
+from pqv_lightning.utils.checks import check_int, invalid
+from pqv_lightning.utils.progress import Progress
 
 __all__ = ["build_parser", "load_classifier", "main"]
 
@@ -76,31 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantization targets 'method[:backend]', e.g. int8_dynamic:x86 int8_static:qnnpack fp16 "
         "int8_pt2e:xnnpack int4_weight (space or comma separated)",
     )
+    formats = "; ".join(
+        f"{f.name}: {', '.join(f.precisions)} (default {','.join(f.default_precisions)})" for f in list_formats()
+    )
     parser.add_argument(
-        "--formats",
+        "--artifacts",
         nargs="+",
-        default=list(DEFAULT_FORMATS),
-        metavar="FORMAT",
-        help=f"any of {', '.join(FORMATS)} (default: {' '.join(DEFAULT_FORMATS)}; aoti compiles for this x86 CPU)",
+        default=None,
+        metavar="FORMAT[=PRECISION,...]",
+        help=f"the files to write, each format with its precisions or alone for its defaults ({formats}; default: "
+        f"{' '.join(format_names(default_only=True))})",
+    )
+    options = "; ".join(
+        f"{f.name}.{o.name}: {'/'.join(map(str, o.choices))}" for f in list_formats() for o in f.options
+    )
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="FORMAT.OPTION=VALUE", help=f"a format setting ({options})"
     )
     parser.add_argument("--output-dir", help="folder for the files and manifest.json (default: <checkpoint>_export)")
-    parser.add_argument(
-        "--executorch-precisions",
-        nargs="+",
-        default=["fp32", "int8", "int4"],
-        help=f"any of {', '.join(EXECUTORCH_PRECISIONS)}",
-    )
-    parser.add_argument(
-        "--onnx-precisions", nargs="+", default=["fp32", "int8"], help=f"any of {', '.join(ONNX_PRECISIONS)}"
-    )
-    parser.add_argument(
-        "--aoti-precisions", nargs="+", default=["fp32", "int8"], help=f"any of {', '.join(AOTI_PRECISIONS)}"
-    )
-    parser.add_argument(
-        "--executorch-attention", default="fp32",
-        help=f"dtype of the attention products in every .pte: {' or '.join(ATTENTION_PRECISIONS)} (fp16 runs "
-        "natively on CPUs with fp16 arithmetic)",
-    )  # fmt: skip
+    # the flags of 0.1 (--formats, --<format>-precisions, --<format>-<option>): accepted, with a deprecation warning
+    parser.add_argument("--formats", nargs="+", default=None, help=argparse.SUPPRESS)
+    for key, (_, option) in legacy_artifact_keys().items():
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(flag, dest=key, nargs=None if option else "+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=1, help="fixed batch size of the exported files")
     parser.add_argument("--val-batches", type=int, default=None, help="validation batches to verify on (all)")
     parser.add_argument("--calibration-batches", type=int, default=8, help="batches for calibrated methods")
@@ -109,6 +107,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     return parser
+
+
+def _parse_artifacts(values: Sequence[str] | None) -> dict[str, list[str] | None] | None:
+    """``["executorch=fp32,int8", "onnx"]`` as ``{"executorch": ["fp32", "int8"], "onnx": None}`` (defaults)."""
+    if values is None:
+        return None
+    artifacts: dict[str, list[str] | None] = {}
+    for value in values:
+        fmt, sep, precisions = value.partition("=")
+        artifacts[fmt.strip()] = _split_list([precisions]) if sep else None
+    return artifacts
+
+
+def _option_value(fmt: str, option: str, text: Any, flag: str) -> Any:
+    """A command-line option value as the type of the option's choices (``true``/``false`` for a flag)."""
+    if text is None:
+        return None
+    choices = get_format(fmt).option(option).choices
+    for choice in choices:
+        if str(choice).lower() == str(text).strip().lower():
+            return choice
+    raise invalid(flag, text, ", ".join(map(str, choices)))
+
+
+def _parse_options(values: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+    """``["executorch.attention=fp16"]`` as ``{"executorch": {"attention": "fp16"}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        fmt, dot, option = key.strip().partition(".")
+        if not (sep and dot):
+            raise invalid("--option", value, "FORMAT.OPTION=VALUE, e.g. executorch.attention=fp16")
+        get_format(fmt, "--option format")
+        options.setdefault(fmt, {})[option] = _option_value(fmt, option, text, f"--option {key.strip()}")
+    return options or None
 
 
 def _datamodule(data: str, classifier: ClassifierCheckpoint, batch_size: int, num_workers: int) -> Any:
@@ -143,12 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name in ("batch_size", "data_batch_size"):
             check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+        legacy = {"formats": _split_list(args.formats) or None}
+        for key, (fmt, option) in legacy_artifact_keys().items():
+            value = getattr(args, key)
+            legacy[key] = (
+                _option_value(fmt, option, value, "--" + key.replace("_", "-"))
+                if option
+                else (None if value is None else _split_list(value))
+            )
+        artifacts, options = artifacts_from_arguments(
+            _parse_artifacts(args.artifacts), _parse_options(args.option), legacy, "pqv-export"
+        )
         export = ExportConfig(
-            formats=_split_list(args.formats),
-            executorch_precisions=_split_list(args.executorch_precisions),
-            onnx_precisions=_split_list(args.onnx_precisions),
-            aoti_precisions=_split_list(args.aoti_precisions),
-            executorch_attention=args.executorch_attention,
+            artifacts,
+            options,
             val_batches=check_int("--val-batches", args.val_batches, 1, allow_none=True),
             batch_size=args.batch_size,
             calibration_batches=check_int("--calibration-batches", args.calibration_batches, 0),
@@ -183,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quantization=quantization,
         export=export,
         manifest_meta=meta,
+        progress=Progress("pqv-export"),
     )
     if result.quantization_error is not None:
         print(f"pqv-export: quantization failed: {result.quantization_error}", file=sys.stderr)

@@ -8,7 +8,7 @@ dense model unless disabled), then quantized, exported and measured by the fit-e
 an interrupted sweep run again with the same spec skips the finished points and reuses the dense model (a changed
 spec is refused rather than mixed with old results, unless ``--fresh``).
 
-    pqv-sweep --config configs/sweep_digits.yaml
+    pqv-sweep --config configs/sweep_digits.yaml     (or the packaged recipe by name: --config sweep_digits)
 
 A sweep that outgrows one machine runs one grid point per job of an existing scheduler (a Slurm job array, say):
 ``--prepare`` trains and caches the dense model once, ``--list`` prints the points, ``--point ID`` (or its index)
@@ -42,8 +42,11 @@ from pqv_lightning.distillation import Distiller, attach_distiller, detach_disti
 from pqv_lightning.latency_search import LatencyTarget, search_ratio, trials_of
 from pqv_lightning.pipeline import run_pipeline
 from pqv_lightning.pruning import PruningSpec, prune
+from pqv_lightning.recipes import find_recipe, resolve_reference
+from pqv_lightning.tokens import TokenReduction, apply_token_reduction, tokens_per_block
 from pqv_lightning.utils.batches import split_batch
 from pqv_lightning.utils.io import atomic_write, write_json
+from pqv_lightning.utils.progress import Progress
 
 __all__ = ["SWEEP_PLOTS", "SweepSpec", "grid", "load_spec", "main", "merge", "run_point", "run_sweep", "summarize"]
 
@@ -120,11 +123,20 @@ def _prune_at_fit_start(spec: SweepSpec, module: Any, data: Any, ratio: float, i
     return result
 
 
-def _search_latency(spec: SweepSpec, module: Any, data: Any, latency: LatencyTarget, importance: str, out: Path):
-    """The ratio of a latency point, searched on the dense model; every measurement is cached by ratio in
-    ``latency_trials.json`` (per target kind and threads), for the other points and for a resumed sweep."""
+def _search_latency(
+    spec: SweepSpec,
+    module: Any,
+    data: Any,
+    latency: LatencyTarget,
+    importance: str,
+    out: Path,
+    tokens: TokenReduction | None = None,
+):
+    """The ratio of a latency point, searched on the dense model (its trials reducing ``tokens``, the point's token
+    reduction); every measurement is cached by ratio in ``latency_trials.json`` (per target kind, threads and token
+    reduction), for the other points and for a resumed sweep."""
     cache_path = out / "latency_trials.json"
-    key = f"{latency.artifact}@{latency.threads}"
+    key = f"{latency.artifact}@{latency.threads}" + (f"+{tokens.method}{tokens.r}" if tokens else "")
     try:
         cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     except (OSError, ValueError):  # a damaged cache only costs measurements
@@ -132,8 +144,16 @@ def _search_latency(spec: SweepSpec, module: Any, data: Any, latency: LatencyTar
     trials = trials_of(cache.get(key, []))
     x = split_batch(next(iter(data.train_dataloader())))[0]
     calibration = [x[i : i + 1] for i in range(min(8, x.shape[0]))]
-    search = search_ratio(module.model, PruningSpec(ratio=0.0, importance=importance), x[:1], latency, calibration,
-                          trials=trials)  # fmt: skip
+    search = search_ratio(
+        module.model,
+        PruningSpec(ratio=0.0, importance=importance),
+        x[:1],
+        latency,
+        calibration,
+        trials=trials,
+        progress=Progress("pqv-sweep", bar=False),
+        tokens=tokens,
+    )
     cache[key] = sorted([r, ms] for r, ms in trials.items())
     write_json(cache_path, cache)
     return search
@@ -146,6 +166,7 @@ def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], po
 
     point_id, ratio, importance = point
     latency = spec.latency_target(point_id)
+    tokens = spec.token_reduction(point_id)
     folder = out / "points" / point_id
     if folder.exists():  # leftovers of an interrupted attempt: start this point clean
         shutil.rmtree(folder)
@@ -158,9 +179,11 @@ def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], po
     search = None
     if latency is not None:
         bar.set_postfix_str(f"latency search: {latency.describe()}")
-        search = _search_latency(spec, module, data, latency, importance, out)
+        search = _search_latency(spec, module, data, latency, importance, out, tokens)
         ratio = search.ratio
     pruned = _prune_at_fit_start(spec, module, data, ratio, importance) if ratio > 0 else None
+    if tokens is not None:  # trained with the reduction from fit start, as TokenMerging(at_epoch=0) does
+        apply_token_reduction(module.model, tokens)
     if teacher is not None:
         attach_distiller(module, Distiller(teacher, **spec.distillation))
     logger = TensorBoardLogger(str(out / "tensorboard"), name=point_id, version=0)
@@ -189,6 +212,7 @@ def _run_point(spec: SweepSpec, recipe: dict, dense: dict[str, torch.Tensor], po
         "importance": importance,
         "pruning": None if pruned is None else {k: getattr(pruned, k) for k in _PRUNING_FIELDS},
         "latency_search": None if search is None else search.as_dict(),
+        "tokens": None if tokens is None else {**tokens.as_dict(), "tokens_per_block": tokens_per_block(module.model)},
         "val_top1": float(trainer.callback_metrics["val/top1"]),
         "seconds": round(time.perf_counter() - start, 1),
         "variants": [p.as_dict() for p in result.points],
@@ -350,9 +374,24 @@ def merge(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[str]]:
 # --------------------------------------------------------------------------- command line
 
 
+def sweep_recipe(value: str) -> tuple[Path, str | None]:
+    """The sweep YAML ``--config`` names (a file, else a packaged recipe by name) and its ``base`` found the same
+    way (a packaged sweep, or one copied out of the package, names ``configs/<recipe>.yaml``); ``None`` for a
+    ``base`` that :func:`load_spec` reads and reports as written."""
+    config = find_recipe(value, "--config")
+    try:
+        doc = yaml.safe_load(config.read_text())
+    except yaml.YAMLError:
+        return config, None
+    base = doc.get("base") if isinstance(doc, dict) else None
+    return config, resolve_reference(base, config, "base") if isinstance(base, str) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pqv-sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep_digits.yaml")
+    parser.add_argument(
+        "--config", required=True, help="sweep YAML, e.g. configs/sweep_digits.yaml, or a packaged recipe's name"
+    )
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--dense-epochs", type=int, help="override dense_epochs")
     parser.add_argument("--finetune-epochs", type=int, help="override finetune_epochs")
@@ -378,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "latency_targets_ms": args.latency_targets_ms,
     }
     try:
-        spec = load_spec(args.config, overrides)
+        config, overrides["base"] = sweep_recipe(args.config)
+        spec = load_spec(config, overrides)
         if args.point is not None:
             point_of(spec, args.point)
     except (ValueError, FileNotFoundError) as err:
@@ -402,8 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if results:
                 print((out / "sweep.md").read_text())
             if missing:
-                print(f"pqv-sweep: {len(missing)} of {len(grid(spec))} points not finished: {', '.join(missing)}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"pqv-sweep: {len(missing)} of {len(grid(spec))} points not finished: {', '.join(missing)}",
+                    file=sys.stderr,
+                )
                 return 1
             return 0
         run_sweep(spec, fresh=args.fresh, progress=progress)

@@ -12,10 +12,12 @@ from typing import Any
 import yaml
 
 from pqv_lightning.distillation import validate as validate_distillation
+from pqv_lightning.export.formats import legacy_artifact_keys
 from pqv_lightning.latency_search import LatencyTarget
 from pqv_lightning.pipeline import ExportConfig, QuantizationConfig, ReportConfig
 from pqv_lightning.pruning import PruningSpec
-from pqv_lightning.utils.checks import check_int, check_number, invalid
+from pqv_lightning.tokens import TokenReduction
+from pqv_lightning.utils.checks import check_choice, check_int, check_number, invalid
 
 __all__ = ["SPEC_KEYS", "SweepSpec", "grid", "load_spec", "validate_spec"]
 
@@ -34,10 +36,15 @@ SPEC_KEYS = (
     "calibration_batches",
     "latency_targets_ms",
     "latency",
+    "tokens",
+    "token_method",
 )
 _LATENCY_KEYS = ("target", "threads", "warmup", "runs", "rounds")
-_EXPORT_KEYS = ("formats", "executorch_precisions", "onnx_precisions", "aoti_precisions", "executorch_attention")
+#: The export section's keys: the new form, then those of 0.1 (deprecated, derived from the format registry).
+_EXPORT_KEYS = ("artifacts", "options", "formats", *legacy_artifact_keys())
 _REPORT_KEYS = ("threads", "warmup", "runs", "batch", "memory")
+#: The id suffix of the points of the tokens axis, per method.
+_TOKEN_SUFFIX = {"merge": "tome", "prune": "evit"}
 _DISTILLATION_KEYS = ("mode", "temperature", "alpha")
 
 
@@ -58,9 +65,11 @@ class SweepSpec:
     quantization: list[str] = field(default_factory=lambda: ["fp16", "int8_dynamic:x86", "int8_pt2e:xnnpack"])
     export: dict[str, Any] = field(
         default_factory=lambda: {
-            "formats": ["torchscript", "executorch", "onnx"],
-            "executorch_precisions": ["fp32", "int8"],
-            "onnx_precisions": ["fp32", "int8"],
+            "artifacts": {
+                "torchscript": ["fp32", "quantized"],
+                "executorch": ["fp32", "int8"],
+                "onnx": ["fp32", "int8"],
+            }
         }
     )
     report: dict[str, Any] = field(default_factory=lambda: {"threads": 1, "runs": 30, "batch": 16, "memory": True})
@@ -69,6 +78,11 @@ class SweepSpec:
     #: the ratio searched on the dense model by timing ``latency["target"]`` files (pqv_lightning.latency_search).
     latency_targets_ms: list[float] = field(default_factory=list)
     latency: dict[str, Any] = field(default_factory=lambda: {"target": "onnx-int8", "threads": 1})
+    #: The token axis: tokens removed per block ``r`` (0: none); every point of the grid is run at each ``r``
+    #: (id suffix ``_tome<r>`` for merging, ``_evit<r>`` for pruning), trained with the reduction from fit start.
+    tokens: list[int] = field(default_factory=lambda: [0])
+    #: ``"merge"`` (ToMe) or ``"prune"`` (EViT) for the ``tokens`` axis.
+    token_method: str = "merge"
 
     def fingerprint(self) -> str:
         """What results depend on (not where they are written): finished points count only under the same."""
@@ -80,15 +94,27 @@ class SweepSpec:
         return QuantizationConfig(tuple(self.quantization), self.calibration_batches)
 
     def export_config(self, output_dir: Path) -> ExportConfig:
+        """The export section as a config (``artifacts`` / ``options``; the keys of 0.1 with a deprecation warning)."""
         return ExportConfig(output_dir=output_dir, calibration_batches=self.calibration_batches, **self.export)
 
     def latency_target(self, point_id: str) -> LatencyTarget | None:
         """The latency target of a ``t<ms>ms_<imp>`` point, ``None`` for a ratio point."""
         for ms in self.latency_targets_ms:
             if point_id.startswith(f"t{ms:g}ms_"):
-                return LatencyTarget(float(ms), self.latency.get("target", "onnx-int8"),
-                                     **{k: v for k, v in self.latency.items() if k != "target"})  # fmt: skip
+                return LatencyTarget(
+                    float(ms),
+                    self.latency.get("target", "onnx-int8"),
+                    **{k: v for k, v in self.latency.items() if k != "target"},
+                )
         return None
+
+    def token_reduction(self, point_id: str) -> TokenReduction | None:
+        """The token reduction of a point (id suffix ``_tome<r>`` / ``_evit<r>``), ``None`` for ``r`` = 0."""
+        suffix = f"_{_TOKEN_SUFFIX[self.token_method]}"
+        _, sep, r = point_id.rpartition(suffix)
+        if not sep or not r.isdigit():
+            return None
+        return TokenReduction(method=self.token_method, r=int(r))
 
     def report_config(self, output_dir: Path) -> ReportConfig:
         """Grid points are compared by the sweep itself: no dense row and no operator profile per point."""
@@ -120,6 +146,13 @@ def validate_spec(spec: SweepSpec) -> SweepSpec:
     for i, ms in enumerate(spec.latency_targets_ms):
         check_number(f"latency_targets_ms[{i}]", ms, 0, min_open=True, accepted="a positive number of ms")
     _check_keys("latency", spec.latency, _LATENCY_KEYS)
+    check_choice("token_method", spec.token_method, tuple(_TOKEN_SUFFIX))
+    if not isinstance(spec.tokens, list) or not spec.tokens:
+        raise invalid("tokens", spec.tokens, "a non-empty list of tokens removed per block (ints >= 0; 0: none)")
+    for i, r in enumerate(spec.tokens):
+        TokenReduction(method=spec.token_method, r=check_int(f"tokens[{i}]", r, 0))
+    if len(set(spec.tokens)) != len(spec.tokens):
+        raise invalid("tokens", spec.tokens, "each r once")
     for ms in spec.latency_targets_ms:
         spec.latency_target(f"t{ms:g}ms_")  # raises naming a bad target kind or thread count
     if any(r > 0 for r in spec.ratios) or spec.latency_targets_ms:
@@ -166,7 +199,9 @@ def load_spec(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
 
 def grid(spec: SweepSpec) -> list[tuple[str, float | None, str | None]]:
     """``(id, ratio, importance)`` per grid point; ratio 0 (no pruning) is one point whatever the criteria; a
-    latency point (``t<ms>ms_<imp>``) has ratio ``None``: it is searched when the point runs."""
+    latency point (``t<ms>ms_<imp>``) has ratio ``None``: it is searched when the point runs. With a ``tokens``
+    axis, every point is repeated for each ``r`` > 0 with the suffix ``_tome<r>`` (:meth:`SweepSpec.token_reduction`
+    reads it back)."""
     points: list[tuple[str, float | None, str | None]] = []
     for ratio in spec.ratios:
         if ratio == 0:
@@ -175,4 +210,5 @@ def grid(spec: SweepSpec) -> list[tuple[str, float | None, str | None]]:
             points += [(f"r{ratio:g}_{imp}", float(ratio), imp) for imp in spec.importances]
     for ms in spec.latency_targets_ms:
         points += [(f"t{ms:g}ms_{imp}", None, imp) for imp in spec.importances]
-    return points
+    suffix = _TOKEN_SUFFIX[spec.token_method]
+    return [(f"{pid}_{suffix}{r}" if r else pid, ratio, imp) for r in spec.tokens for pid, ratio, imp in points]

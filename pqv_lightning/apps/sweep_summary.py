@@ -48,10 +48,20 @@ def _fastest_file(result: dict[str, Any]) -> dict[str, Any] | None:
     return min(files, key=_ms, default=None)
 
 
+def _tokens_r(result: dict[str, Any]) -> int:
+    """Tokens removed per block at a point (0 without token reduction, and for results written before the axis)."""
+    return int((result.get("tokens") or {}).get("r", 0))
+
+
+def _tokens_line(result: dict[str, Any]) -> str:
+    counts = (result.get("tokens") or {}).get("tokens_per_block")
+    return "-" if not counts else f"{counts[0]} → {counts[-1]}"
+
+
 def summarize(results: Sequence[dict[str, Any]], spec: SweepSpec, out: str | os.PathLike) -> dict[str, Path]:
     """Write ``sweep.md`` and ``sweep.json`` (one row per grid point x variant) and the four sweep plots."""
     out = Path(out)
-    results = sorted(results, key=lambda r: (r["ratio"], r["importance"] or ""))
+    results = sorted(results, key=lambda r: (r["ratio"], r["importance"] or "", _tokens_r(r)))
     threads = spec.report.get("threads", 1)
     lines = [
         f"# Sweep: {Path(spec.base).name}, {len(results)} grid points",
@@ -62,9 +72,9 @@ def summarize(results: Sequence[dict[str, Any]], spec: SweepSpec, out: str | os.
         f"- Measured on {cpu_description()}, {threads} thread(s) per runtime, batch 1, median of "
         f"{spec.report.get('runs', 50)} timed calls; top-1 on the validation split through each runtime.",
         "",
-        "| point | ratio % | criterion | params M | MMACs | float top-1 % | fp32 eager ms | fastest file | ms "
-        "| top-1 % | size MiB | peak RSS MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| point | ratio % | criterion | tokens r | tokens per block | params M | MMACs | float top-1 % "
+        "| fp32 eager ms | fastest file | ms | top-1 % | size MiB | peak RSS MiB |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         eager = next((v for v in r["variants"] if v["runtime"] == "eager" and v["precision"] == "fp32"), {})
@@ -73,6 +83,8 @@ def summarize(results: Sequence[dict[str, Any]], spec: SweepSpec, out: str | os.
             r["id"],
             f"{r['ratio'] * 100:g}",
             r["importance"] or "-",
+            str(_tokens_r(r)),
+            _tokens_line(r),
             format_number(eager.get("params"), ".3f", 1e-6),
             format_number(eager.get("macs"), ".1f", 1e-6),
             format_number(eager.get("top1"), ".2f", 100),
@@ -169,8 +181,14 @@ def _plot_accuracy_vs_pruning(results: Sequence[dict[str, Any]], names: list[str
         eager = [next(v["top1"] * 100 for v in r["variants"] if v["runtime"] == "eager") for r in line]
         ax.plot(ratios, eager, marker="o", color=color, label=f"{criterion}: float")
         fastest = [(_fastest_file(r) or {}).get("top1") for r in line]
-        ax.plot(ratios, [None if a is None else a * 100 for a in fastest], marker="x", linestyle="--", color=color,
-                label=f"{criterion}: fastest verified file")  # fmt: skip
+        ax.plot(
+            ratios,
+            [None if a is None else a * 100 for a in fastest],
+            marker="x",
+            linestyle="--",
+            color=color,
+            label=f"{criterion}: fastest verified file",
+        )
     ax.set_xlabel("channels pruned (%)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Accuracy vs pruning (after finetuning)", fontsize=10)
@@ -221,8 +239,14 @@ def _plot_latency_per_backend(results: Sequence[dict[str, Any]], names: list[str
     line = next(iter(_by_criterion(results).values()))
     width = 0.8 / max(1, len(line))
     for i, r in enumerate(line):
-        ax.barh([k + i * width for k in range(len(names))], [_ms(_variant(r, n)) or 0 for n in names], width,
-                label=f"{r['ratio'] * 100:g}% pruned", edgecolor="black", linewidth=0.3)  # fmt: skip
+        ax.barh(
+            [k + i * width for k in range(len(names))],
+            [_ms(_variant(r, n)) or 0 for n in names],
+            width,
+            label=f"{r['ratio'] * 100:g}% pruned",
+            edgecolor="black",
+            linewidth=0.3,
+        )
     ax.set_yticks(
         [k + width * (len(line) - 1) / 2 for k in range(len(names))],
         [n.removeprefix("model_") for n in names],

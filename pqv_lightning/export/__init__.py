@@ -4,12 +4,12 @@ The names below are imported on first use (PEP 562), each from the module that h
 that only loads one file (``python -m pqv_lightning.export.probe``) imports that runtime and nothing else: an
 ONNX probe imports neither torch nor Lightning.
 
-Modules: :mod:`~.formats` (names, suffixes, precisions), :mod:`~.loader` (:func:`load_artifact`),
-:mod:`~.exporter` (:func:`export_artifacts`), :mod:`~.writer` and :mod:`~.verify` (one file written, reloaded
-and checked), :mod:`~.manifest`, one module per format (:mod:`~.torchscript`, :mod:`~.executorch`,
-:mod:`~.onnx`, and :mod:`~.eager` for in-process modules), the graph rewrites (:mod:`~.xnnpack_rewrites`,
-:mod:`~.onnxruntime_rewrites`, :mod:`~.patchify`), :mod:`~.xnnpack_casts` (fp32 <-> fp16 casts inside the
-XNNPACK delegate), :mod:`~.inputs` (tensor argument checks) and :mod:`~.probe`.
+Modules: :mod:`~.formats` (the format registry: names, suffixes, precisions, options), :mod:`~.loader`
+(:func:`load_artifact`), :mod:`~.exporter` (:func:`export_artifacts`), :mod:`~.writer` and :mod:`~.verify` (one
+file written, reloaded and checked), :mod:`~.manifest`, one module per format (:mod:`~.torchscript`,
+:mod:`~.executorch`, :mod:`~.onnx`, ..., and :mod:`~.eager` for in-process modules), the graph rewrites
+(:mod:`~.xnnpack_rewrites`, :mod:`~.onnxruntime_rewrites`, :mod:`~.patchify`), :mod:`~.xnnpack_casts` (fp32 <-> fp16
+casts inside the XNNPACK delegate), :mod:`~.inputs` (tensor argument checks) and :mod:`~.probe`.
 """
 
 # ruff: noqa: F401  (the TYPE_CHECKING imports are the re-exports that __getattr__ makes at run time)
@@ -19,24 +19,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, for type checkers
-    from pqv_lightning.export.aoti import compile_package
-    from pqv_lightning.export.executorch import PteResult, export_pte, run_pte
+    from pqv_lightning.export.executorch import (
+        FP16_ATTENTION_PRECISIONS,
+        PteResult,
+        check_attention,
+        export_pte,
+        run_pte,
+    )
     from pqv_lightning.export.exporter import check_output_dir, export_artifacts
     from pqv_lightning.export.formats import (
-        AOTI_PRECISIONS,
-        ATTENTION_PRECISIONS,
         DEFAULT_FORMATS,
-        EXECUTORCH_PRECISIONS,
         FORMATS,
-        FP16_ATTENTION_PRECISIONS,
-        ONNX_PRECISIONS,
         SUFFIXES,
-        TORCHSCRIPT_METHODS,
+        ExportFormat,
+        FormatOption,
         LoadedArtifact,
-        check_attention,
         format_of,
+        get_format,
+        list_formats,
+        register_format,
+        resolve_artifacts,
         validate_formats,
-        validate_precisions,
     )
     from pqv_lightning.export.loader import load_artifact
     from pqv_lightning.export.manifest import MANIFEST_VERSION, ArtifactRecord, environment, write_manifest
@@ -49,26 +52,25 @@ if TYPE_CHECKING:  # the same names, for type checkers
 
 # Each public name and the module it is imported from on first use.
 _MODULE_OF = {
-    "compile_package": "aoti",
-    "AOTI_PRECISIONS": "formats",
-    "ATTENTION_PRECISIONS": "formats",
     "DEFAULT_FORMATS": "formats",
     "PteResult": "executorch",
     "export_pte": "executorch",
     "run_pte": "executorch",
     "check_output_dir": "exporter",
     "export_artifacts": "exporter",
-    "EXECUTORCH_PRECISIONS": "formats",
     "FORMATS": "formats",
-    "FP16_ATTENTION_PRECISIONS": "formats",
-    "ONNX_PRECISIONS": "formats",
     "SUFFIXES": "formats",
-    "TORCHSCRIPT_METHODS": "formats",
     "LoadedArtifact": "formats",
-    "check_attention": "formats",
     "format_of": "formats",
+    "ExportFormat": "formats",
+    "FormatOption": "formats",
+    "get_format": "formats",
+    "list_formats": "formats",
+    "register_format": "formats",
+    "resolve_artifacts": "formats",
+    "FP16_ATTENTION_PRECISIONS": "executorch",
+    "check_attention": "executorch",
     "validate_formats": "formats",
-    "validate_precisions": "formats",
     "load_artifact": "loader",
     "MANIFEST_VERSION": "manifest",
     "ArtifactRecord": "manifest",

@@ -38,15 +38,15 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.eager import random_tensor, set_torch_threads
-from pqv_lightning.export.formats import AOTI_PRECISIONS, LoadedArtifact
+from pqv_lightning.export.formats import LoadedArtifact, get_format
 from pqv_lightning.export.inputs import check_tensor, described
 from pqv_lightning.utils.checks import check_choice, invalid
 from pqv_lightning.utils.io import atomic_write
 
 if TYPE_CHECKING:
-    from pqv_lightning.export.writer import ArtifactWriter
+    from pqv_lightning.export.writer import ArtifactWriter, ExportJob
 
-__all__ = ["compile_package", "kernel_counts", "load", "prepare_runtime", "random_input", "write_aoti"]
+__all__ = ["compile_package", "kernel_counts", "load", "prepare_runtime", "random_input", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def compile_package(
     the package calls (``kernels``), the quantized ones among them (``int8_kernels``), the vector ISA compiled
     for. Raises when Inductor is unavailable here or an ``int8`` package came out without int8 kernels.
     """
-    check_choice("precision", precision, AOTI_PRECISIONS)
+    check_choice("precision", precision, get_format("aoti").precisions)
     if not isinstance(model, nn.Module):
         raise invalid("model", described(model), "a torch.nn.Module")
     check_tensor("example_input", example_input)
@@ -156,21 +156,28 @@ def kernel_counts(path: str | Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def write_aoti(
-    writer: ArtifactWriter, model: nn.Module, precisions: tuple[str, ...], calibration: Sequence[Tensor] | None,
-    int8_float_layers: Sequence[str] = (),
-) -> None:  # fmt: skip
-    """Write and verify one ``.pt2`` per precision; the int8 package keeps ``int8_float_layers`` in float."""
-    for precision in precisions:
+def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
+    """Write and verify one ``.pt2`` per precision of ``job`` (the format protocol); the int8 package keeps its
+    float layers in float."""
+    for precision in job.artifacts.get("aoti", ()):
         build = functools.partial(
-            _build, model=model, example=writer.example_input, precision=precision, calibration=calibration,
-            float_layers=tuple(int8_float_layers) if precision == "int8" else (),
-        )  # fmt: skip
+            _build,
+            model=model,
+            example=writer.example_input,
+            precision=precision,
+            calibration=job.calibration,
+            float_layers=job.keep("aoti", precision),
+        )
         writer.produce(f"aoti-{precision}", "aoti", precision, "x86", f"{precision}.pt2", build, _verifier)
 
 
 def _build(path: Path, extra: dict, *, model, example, precision, calibration, float_layers) -> None:
+    from pqv_lightning.tokens import token_summary
+
     extra.update(compile_package(model, example, path, precision, calibration, float_layers))
+    summary = token_summary(model, example.shape[-2:])
+    if summary is not None:
+        extra["tokens"] = summary
 
 
 def _verifier(path: Path):

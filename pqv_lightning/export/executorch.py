@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,34 +25,107 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.eager import random_tensor, set_torch_threads
-from pqv_lightning.export.formats import EXECUTORCH_PRECISIONS, LoadedArtifact, check_attention
+from pqv_lightning.export.formats import LoadedArtifact, get_format
 from pqv_lightning.export.inputs import check_tensor, described
+from pqv_lightning.export.verify import reference_pieces
 from pqv_lightning.utils.checks import check_bool, check_choice, invalid
 from pqv_lightning.utils.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from pqv_lightning.export.writer import ArtifactWriter
+    from pqv_lightning.export.writer import ArtifactWriter, ExportJob
     from pqv_lightning.quantization import QuantizedModel
 
 __all__ = [
+    "FP16_ATTENTION_PRECISIONS",
     "PteProgram",
     "PteResult",
+    "check_attention",
+    "check_model",
+    "check_request",
     "export_pte",
     "load",
     "load_program",
     "prepare_runtime",
+    "qat_lowerable",
     "random_input",
     "run_pte",
     "runtime_logs_at_debug",
     "set_threadpool",
+    "write",
     "write_executorch",
     "write_executorch_variant",
 ]
 
 _NON_COMPUTE = {"getitem", "executorch_call_delegate"}
 _INT4_GROUP = 32  # the int4 group size XNNPACK delegates
+_FORMAT = get_format("executorch")
+#: ``.pte`` precisions that take fp16 attention. Not static ``int8``: ExecuTorch 1.5's XNNPACK
+#: ``RemoveRedundantCopyPass`` takes a dtype cast between static q/dq nodes for a layout copy and drops it.
+FP16_ATTENTION_PRECISIONS = ("fp32", "int8_dynamic", "int4")
+
+
+def check_attention(attention: str, precisions: Sequence[str], name: str = "attention") -> str:
+    """``attention`` checked against the ``.pte`` precisions it is asked for with."""
+    _FORMAT.option("attention").check(attention, name)
+    refused = [p for p in precisions if attention != "fp32" and p not in FP16_ATTENTION_PRECISIONS]
+    if refused:
+        raise invalid(
+            name,
+            attention,
+            f"'fp32' with executorch precision {', '.join(map(repr, refused))}; fp16 attention is "
+            f"exported with {', '.join(FP16_ATTENTION_PRECISIONS)} (static int8 loses its casts in ExecuTorch 1.5)",
+        )
+    return attention
+
+
+def check_request(precisions: Sequence[str], options: dict[str, Any], name_of: Callable[[str], str]) -> None:
+    """Refuse options these precisions cannot be written with (the format protocol)."""
+    check_attention(options["attention"], precisions, name_of("attention"))
+
+
+def check_model(
+    model: nn.Module, precisions: Sequence[str], options: dict[str, Any], name_of: Callable[[str], str] | str
+) -> None:
+    """Refuse fp16 attention for a model without attention blocks the ``.pte`` rewrite knows (before any work).
+    ``name_of`` names an option in messages: a function of the option's name, or the options' prefix (a str)."""
+    if options["attention"] != "fp32" and precisions:
+        from pqv_lightning.export.xnnpack_rewrites import check_attention_blocks
+
+        name = name_of("attention") if callable(name_of) else f"{name_of}[{'attention'!r}]"
+        check_attention_blocks(model, options["attention"], name)
+
+
+def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
+    """Write and verify the ``.pte`` files of ``job`` (the format protocol): one per precision, then one per
+    quantization-aware-trained variant ExecuTorch lowers as it is (the others recorded as skipped)."""
+    precisions = job.artifacts.get("executorch", ())
+    keep = {p: job.keep("executorch", p) for p in precisions}
+    write_executorch(writer, model, precisions, job.calibration, keep, job.options["executorch"]["attention"])
+    for variant in job.trained:
+        if not qat_lowerable(variant):
+            writer.record(
+                f"executorch-{variant.name}",
+                "executorch",
+                variant.target.precision,
+                variant.target.backend,
+                status="skipped",
+                reason=f"a quantization-aware-trained {variant.target} model is not lowered by "
+                "ExecuTorch as it is (int8_pt2e:xnnpack and int4_weight:xnnpack are)",
+            )
+            continue
+        float_pieces = writer.pieces  # verified against the QAT model's converted form
+        writer.pieces = reference_pieces(variant.module, writer.val_batches, writer.example_input.shape[0])
+        try:
+            write_executorch_variant(writer, variant)
+        finally:
+            writer.pieces = float_pieces
+
+
+def qat_lowerable(variant: QuantizedModel) -> bool:
+    """Whether a variant is a QAT model ExecuTorch lowers as it is (INT8 PT2E for XNNPACK, INT4 weights)."""
+    return variant.origin == "qat" and str(variant.target) in ("int8_pt2e:xnnpack", "int4_weight:xnnpack")
 
 
 @dataclass
@@ -177,7 +250,7 @@ def export_pte(
     delegate (native on CPUs with fp16 arithmetic, fp32 elsewhere; see
     :func:`~pqv_lightning.export.prepare_for_xnnpack` and :mod:`pqv_lightning.export.xnnpack_casts`).
     """
-    check_choice("precision", precision, EXECUTORCH_PRECISIONS)
+    check_choice("precision", precision, _FORMAT.precisions)
     if not isinstance(model, nn.Module):
         raise invalid("model", described(model), "a torch.nn.Module")
     check_tensor("example_input", example_input)
@@ -260,10 +333,15 @@ def write_executorch(
 
         def build(path: Path, extra: dict, precision: str = precision, keep: tuple[str, ...] = keep) -> None:
             result = export_pte(
-                model, writer.example_input, precision=precision, calibration=calibration, float_layers=keep,
+                model,
+                writer.example_input,
+                precision=precision,
+                calibration=calibration,
+                float_layers=keep,
                 attention=attention,
-            )  # fmt: skip
+            )
             _record(extra, result, path)
+            _record_tokens(extra, model, writer)
             if precision != "fp32":
                 extra["float_layers"] = list(keep)
             if attention != "fp32":
@@ -301,6 +379,16 @@ def _attention_eager_check(writer: ArtifactWriter, model: nn.Module, attention: 
     with torch.inference_mode():
         metrics, _, _ = verify_outputs(eager, writer.pieces, attention, writer.thresholds)
     return {key: float(metrics[key]) for key in ("top1_agreement", "max_abs_logit_diff", "val_top1")}
+
+
+def _record_tokens(extra: dict, model: nn.Module, writer: ArtifactWriter) -> None:
+    """``extra["tokens"]``: the token reduction the file runs (method, ``r``, tokens per block), if any. What stays
+    outside the delegate of a token-reducing program is its matching (``extra["outside_ops"]``)."""
+    from pqv_lightning.tokens import token_summary
+
+    summary = token_summary(model, writer.input_shape[-2:])
+    if summary is not None:
+        extra["tokens"] = summary
 
 
 def _record(extra: dict, result: PteResult, path: Path) -> None:
@@ -366,9 +454,12 @@ def load_program(data: bytes, etdump: bool = False) -> PteProgram:
 
     with runtime_logs_at_debug():
         program = _C._load_program_from_buffer(
-            data, enable_etdump=etdump, debug_buffer_size=0,
-            program_verification=_C.Verification.InternalConsistency, data_path=None,
-        )  # fmt: skip
+            data,
+            enable_etdump=etdump,
+            debug_buffer_size=0,
+            program_verification=_C.Verification.InternalConsistency,
+            data_path=None,
+        )
         method = program.load_method("forward")
     return PteProgram(data, program, method)
 

@@ -8,28 +8,22 @@ This dispatcher is not in :mod:`~pqv_lightning.export.formats` because the forma
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pqv_lightning.export.formats import FORMATS, LoadedArtifact
+from pqv_lightning.export.formats import LoadedArtifact, format_names, get_format, list_formats
 from pqv_lightning.utils.checks import check_bool, check_choice, check_int, invalid
 
 __all__ = ["load_artifact", "prepare_runtime", "random_input"]
 
-# Each module has load(path, kind, threads, engine, ort_spinning), prepare_runtime(threads), random_input(shape).
-_MODULES = {
-    "torchscript": "torchscript", "lite": "torchscript", "executorch": "executorch", "onnx": "onnx", "aoti": "aoti",
-}  # fmt: skip
-_ENGINE_KINDS = ("torchscript", "lite")
-
 
 def _module(kind: str) -> ModuleType:
-    check_choice("kind", kind, FORMATS)
-    return importlib.import_module(f"pqv_lightning.export.{_MODULES[kind]}")
+    """The module of format ``kind`` (load, prepare_runtime, random_input: the format protocol)."""
+    check_choice("kind", kind, format_names())
+    return get_format(kind).implementation()
 
 
 def load_artifact(
@@ -51,8 +45,9 @@ def load_artifact(
     module = _module(kind)
     check_int("threads", threads, 1, allow_none=True)
     check_bool("ort_spinning", ort_spinning)
-    if engine is not None and kind not in _ENGINE_KINDS:
-        raise invalid("engine", engine, f"None for {kind} files (a torch.ao engine applies to TorchScript and lite)")
+    if engine is not None and not get_format(kind).takes_engine:
+        engines = ", ".join(f.name for f in list_formats() if f.takes_engine)
+        raise invalid("engine", engine, f"None for {kind} files (a torch.ao engine applies to {engines})")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no {kind} file at {str(path)!r}")
     return module.load(str(path), kind, threads, engine, ort_spinning)

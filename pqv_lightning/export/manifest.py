@@ -12,7 +12,9 @@ from pqv_lightning.utils.io import write_json
 
 __all__ = ["MANIFEST_VERSION", "ArtifactRecord", "environment", "write_manifest"]
 
-MANIFEST_VERSION = 1
+#: 2: ``meta`` names the files as ``artifacts`` ({format: precisions}) and ``options`` ({format: {option: value}})
+#: instead of ``formats`` and one ``<format>_precisions`` key per format.
+MANIFEST_VERSION = 2
 _ENVIRONMENT_PACKAGES = ("torch", "executorch", "onnx", "onnxruntime", "timm")
 
 

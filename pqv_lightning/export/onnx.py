@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pqv_lightning.export.formats import LoadedArtifact
+from pqv_lightning.utils.cpu import cpu_info
 from pqv_lightning.utils.errors import error_summary
 from pqv_lightning.utils.io import atomic_write
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from pqv_lightning.export.writer import ArtifactWriter
+    from pqv_lightning.export.writer import ArtifactWriter, ExportJob
 
-__all__ = ["ONNX_OPSET", "load", "ort_session", "prepare_runtime", "random_input", "write_onnx"]
+__all__ = ["ONNX_OPSET", "load", "ort_session", "prepare_runtime", "random_input", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,14 @@ def _export_proto(model: nn.Module, example_input: Tensor, extra: dict):
         log.warning("torch.onnx dynamo export failed (%s); using the legacy exporter", extra["dynamo_failed"])
     buf = io.BytesIO()
     torch.onnx.export(
-        model, (example_input,), buf, dynamo=False, opset_version=_LEGACY_OPSET,
-        input_names=["input"], output_names=["logits"],
-    )  # fmt: skip
+        model,
+        (example_input,),
+        buf,
+        dynamo=False,
+        opset_version=_LEGACY_OPSET,
+        input_names=["input"],
+        output_names=["logits"],
+    )
     extra["opset"] = _LEGACY_OPSET
     return onnx.load_from_string(buf.getvalue())
 
@@ -200,9 +206,15 @@ class _OnnxBuilder:
     ) -> None:
         self.model, self.example_input, self.work_root = model, example_input, work_root
         self.calibration, self.per_channel, self.reduce_range, self.optimize = (
-            calibration, per_channel, reduce_range, optimize,
-        )  # fmt: skip
+            calibration,
+            per_channel,
+            reduce_range,
+            optimize,
+        )
         self.float_layers = {k: tuple(v) for k, v in (float_layers or {}).items()}
+        from pqv_lightning.tokens import token_reduction_of
+
+        self.tokens = token_reduction_of(model)
         self._plain: tuple[Any, dict] | None = None
         self._prepared: tuple[Any, dict, dict] | None = None
 
@@ -242,9 +254,25 @@ class _OnnxBuilder:
         extra["prepared_for_onnxruntime"] = dict(counts)
         fused = work / "fused.onnx"
         fuse_for_onnxruntime(proto, fused, extra)
+        if self.tokens is not None:
+            extra["ort_attention_fusion"] = self._attention_fusion(extra["ort_fusions"], counts["attention"])
         dst = work / "fused.pre.onnx"
         _pre_process(str(fused), str(dst), skip_optimization=True)
         return dst
+
+    def _attention_fusion(self, fusions: dict[str, int], blocks: int) -> dict[str, Any]:
+        """How many attention blocks of a token-reducing model onnxruntime fused into ``Attention``, and why not the
+        others (see :func:`~pqv_lightning.export.onnxruntime_rewrites.fuse_for_onnxruntime`)."""
+        fused = int(fusions.get("Attention", 0))
+        found: dict[str, Any] = {"fused": fused, "blocks": blocks}
+        if fused < blocks:
+            found["not_fused"] = (
+                "blocks whose attention adds log(size) (proportional attention, after the first merge): "
+                "onnxruntime's Attention fusion takes no additive bias"
+                if self.tokens.proportional_attention
+                else "blocks onnxruntime's Attention fusion did not match"
+            )
+        return found
 
     def _write_quantized(self, path: Path, extra: dict, how: str, quantize: Callable[[str], None]) -> None:
         """Record how the file is quantized, then write it atomically with ``quantize(out_path)``."""
@@ -284,14 +312,20 @@ class _OnnxBuilder:
                 src = self.preprocessed(Path(work), extra)
                 excluded = self._excluded("int8", self._plain[0], src, extra)
             self._write_quantized(
-                path, extra, "dynamic (MatMul/Gemm/Attention weights int8, activations uint8 quantized at run time)",
+                path,
+                extra,
+                "dynamic (MatMul/Gemm/Attention weights int8, activations uint8 quantized at run time)",
                 lambda out: quantize_dynamic(
-                    str(src), out, weight_type=QuantType.QInt8, per_channel=self.per_channel,
-                    reduce_range=self.reduce_range, nodes_to_exclude=excluded,
+                    str(src),
+                    out,
+                    weight_type=QuantType.QInt8,
+                    per_channel=self.per_channel,
+                    reduce_range=self.reduce_range,
+                    nodes_to_exclude=excluded,
                     # float where shape inference left a tensor untyped (the graphs are float models)
                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 ),
-            )  # fmt: skip
+            )
 
     def write_qdq(self, path: Path, extra: dict) -> None:
         import onnx
@@ -305,35 +339,47 @@ class _OnnxBuilder:
             input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
             reader = _CalibrationReader(input_name, self.calibration, self.example_input.shape[0])
             self._write_quantized(
-                path, extra, "static QDQ (int8 weights and activations, MinMax calibration)",
+                path,
+                extra,
+                "static QDQ (int8 weights and activations, MinMax calibration)",
                 lambda out: quantize_static(
-                    str(src), out, reader, quant_format=QuantFormat.QDQ, per_channel=self.per_channel,
-                    reduce_range=self.reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    str(src),
+                    out,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=self.per_channel,
+                    reduce_range=self.reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    op_types_to_quantize=list(_LAYER_OPS), nodes_to_exclude=excluded,
+                    op_types_to_quantize=list(_LAYER_OPS),
+                    nodes_to_exclude=excluded,
                 ),
-            )  # fmt: skip
+            )
 
 
-def write_onnx(
-    writer: ArtifactWriter,
-    model: nn.Module,
-    precisions: tuple[str, ...],
-    calibration: Sequence[Tensor] | None,
-    per_channel: bool,
-    reduce_range: bool,
-    optimize: bool = True,
-    float_layers: dict[str, Sequence[str]] | None = None,
-) -> None:
-    """Write and verify the ONNX files of ``precisions`` (``"fp32"``, ``"int8"``, ``"int8_qdq"``).
+def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
+    """Write and verify the ONNX files of ``job`` (the format protocol): ``"fp32"``, ``"int8"``, ``"int8_qdq"``.
 
-    ``int8`` is onnxruntime dynamic quantization; with ``optimize`` it quantizes the graph of
+    ``int8`` is onnxruntime dynamic quantization; with the ``optimize`` option it quantizes the graph of
     :func:`~pqv_lightning.export.prepare_for_onnxruntime` after :func:`fuse_for_onnxruntime`, and falls back to
     the plain exported graph (recording why) if any of that fails. ``int8_qdq`` is static QDQ calibrated on
-    ``calibration``. ``float_layers[precision]`` (module names) stay float: their nodes go to onnxruntime's
+    ``job.calibration``. The float layers of each file (module names) stay float: their nodes go to onnxruntime's
     ``nodes_to_exclude``. A layer fused into an ``Attention`` node (the QKV projection) cannot be excluded from
-    it, so the plain graph is quantized instead, and the record says why.
+    it, so the plain graph is quantized instead, and the record says why. A token-reducing model's files record
+    it (``extra["tokens"]``), and its ``int8`` file how many attention blocks were fused
+    (``extra["ort_attention_fusion"]``).
     """
+    precisions = job.artifacts.get("onnx", ())
+    options = job.options["onnx"]
+    float_layers = {p: job.keep("onnx", p) for p in precisions}
+    per_channel, reduce_range, optimize = options["per_channel"], options["reduce_range"], options["optimize"]
+    if reduce_range == "auto":
+        # x86 without VNNI: onnxruntime's u8 x s8 kernels add pairs of products into int16 with saturation, which
+        # 8-bit weights overflow (the tests' tiny ViT on 540 held-out digits, AVX2-only AMD EPYC, onnxruntime 1.32:
+        # top-1 agreement with the float model 0.978 with 8-bit weights, 0.998 with 7-bit ones)
+        reduce_range = not cpu_info().int8_dot_products
+    calibration = job.calibration
     builder = _OnnxBuilder(
         model, writer.example_input, writer.out_dir, calibration, per_channel, reduce_range, optimize, float_layers
     )
@@ -342,10 +388,24 @@ def write_onnx(
         "int8": ("onnx-int8", "int8", "int8.onnx", builder.write_int8),
         "int8_qdq": ("onnx-int8_qdq", "int8", "int8_qdq.onnx", builder.write_qdq),
     }
+    from pqv_lightning.tokens import token_summary
+
+    tokens = token_summary(model, writer.input_shape[-2:])
     for precision in ("fp32", "int8", "int8_qdq"):
         if precision in precisions:
             name, label, filename, build = files[precision]
-            writer.produce(name, "onnx", label, "onnxruntime-cpu", filename, build, _verifier)
+            writer.produce(name, "onnx", label, "onnxruntime-cpu", filename, _noting(build, tokens), _verifier)
+
+
+def _noting(build: Callable[[Path, dict], None], tokens: dict | None) -> Callable[[Path, dict], None]:
+    """``build`` that also records the token reduction the file runs (``extra["tokens"]``), if any."""
+
+    def noted(path: Path, extra: dict) -> None:
+        build(path, extra)
+        if tokens is not None:
+            extra["tokens"] = tokens
+
+    return noted
 
 
 def _verifier(path: Path):

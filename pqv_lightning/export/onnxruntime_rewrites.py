@@ -12,14 +12,16 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.inputs import described
 from pqv_lightning.export.patchify import is_patchify_conv, to_patches
+from pqv_lightning.tokens import register_token_attention
 from pqv_lightning.utils.checks import invalid
 
-__all__ = ["fuse_for_onnxruntime", "prepare_for_onnxruntime"]
+__all__ = ["fuse_for_onnxruntime", "prepare_for_onnxruntime", "token_attention"]
 
 
 class _OrtAttention(nn.Module):
@@ -52,6 +54,15 @@ class _OrtAttention(nn.Module):
                 self.q.weight.mul_(fold)
                 self.q.bias.mul_(fold)
         self.proj = attn.proj
+        # token reduction's metrics (``token_attention``) from their own small products, off the fused subgraph
+        h, d = self.num_heads, self.head_dim
+        k_weight, k_bias = weight[a : 2 * a], bias[a : 2 * a]
+        self.keys_mean = nn.Linear(weight.shape[1], d)
+        with torch.no_grad():
+            self.keys_mean.weight.copy_(k_weight.reshape(h, d, -1).mean(dim=0))
+            self.keys_mean.bias.copy_(k_bias.reshape(h, d).mean(dim=0))
+        self.register_buffer("k_heads", k_weight.reshape(h, d, -1).clone(), persistent=False)
+        self.register_buffer("k_bias_heads", k_bias.reshape(h, d, 1).clone(), persistent=False)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
@@ -64,6 +75,43 @@ class _OrtAttention(nn.Module):
         attn = (torch.matmul(q, k) / self.sqrt_d).softmax(dim=-1)
         out = torch.matmul(attn, v).permute(0, 2, 1, 3).reshape(b, n, self.attn_dim)
         return self.proj(out)
+
+
+def token_attention(
+    attn: _OrtAttention, x: Tensor, bias: Tensor | None, metric: str | None
+) -> tuple[Tensor, Tensor | None]:
+    """:class:`_OrtAttention` in a token-reducing block (:func:`pqv_lightning.tokens.register_token_attention`):
+    the fusable subgraph with the proportional-attention ``bias`` added after the division (onnxruntime fuses only
+    the blocks without one: its ``Attention`` fusion takes no additive bias), and the metric computed beside it,
+    never from the q/k/v projections the fusion removes nor by a fourth ``MatMul`` on the block input (the fusion
+    wants exactly three): the keys averaged over heads as one ``Gemm`` on a reshape (head-averaged key weights),
+    the class token's attention as ``(k_h^T q_cls,h) . x`` per head."""
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    q = attn.q(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
+    k = attn.k(x).reshape(b, n, h, d).permute(0, 2, 3, 1)
+    v = attn.v(x).reshape(b, n, h, d).permute(0, 2, 1, 3)
+    logits = torch.matmul(q, k) / attn.sqrt_d
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    out = torch.matmul(logits.softmax(dim=-1), v).permute(0, 2, 1, 3).reshape(b, n, attn.attn_dim)
+    out = attn.proj(out)
+    if metric == "keys":
+        return out, attn.keys_mean(x.reshape(b * n, -1)).reshape(b, n, d)
+    if metric == "class_attention":
+        q_cls = attn.q(x[:, 0]).reshape(b, h, d, 1)  # the softmax scale is folded into q (sqrt_d divides it out)
+        # products with the key weights as Mul + ReduceSum: a MatMul with a 3-D weight would be quantized per
+        # channel, which onnxruntime's MatMulIntegerToFloat does not run
+        towards = (q_cls * attn.k_heads).sum(dim=2).unsqueeze(2)  # [B, h, 1, C]
+        offset = (q_cls * attn.k_bias_heads).sum(dim=2).unsqueeze(2)  # [B, h, 1, 1]
+        logits = (torch.matmul(towards, x.transpose(1, 2).unsqueeze(1)) + offset) / attn.sqrt_d
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return out, None
+
+
+register_token_attention(_OrtAttention, token_attention)
 
 
 class _PatchifyLinear(nn.Module):
@@ -144,10 +192,14 @@ def _unfuse_skip_layer_norm(graph) -> int:
             ln_outputs.pop()
         nodes.append(
             helper.make_node(
-                "LayerNormalization", [total, gamma] + ([beta] if beta else []), ln_outputs,
-                name=f"{node.name}_layer_norm", axis=-1, epsilon=eps,
+                "LayerNormalization",
+                [total, gamma] + ([beta] if beta else []),
+                ln_outputs,
+                name=f"{node.name}_layer_norm",
+                axis=-1,
+                epsilon=eps,
             )
-        )  # fmt: skip
+        )
     if count:
         del graph.node[:]
         graph.node.extend(nodes)
@@ -183,9 +235,65 @@ def _projection_branch_first(graph) -> int:
     return swapped
 
 
+_ANCHOR = "pqv_attention_anchor"
+
+
+def _anchor_reducing_residuals(graph) -> list[str]:
+    """Give every attention residual ``Add`` that feeds no ``LayerNormalization`` (a token-reducing block: the
+    tokens are reduced between the residual and ``norm2``) a throw-away ``LayerNormalization`` of its own, the
+    anchor onnxruntime's attention fusion starts from; returns their output names (:func:`_drop_anchors`)."""
+    from onnx import helper, numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {init.name: init for init in graph.initializer}
+    anchors, new_nodes = [], []
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        projection = producers.get(node.input[0])
+        if projection is None or projection.op_type != "Add":
+            continue
+        if not any(getattr(producers.get(i), "op_type", None) == "MatMul" for i in projection.input):
+            continue
+        bias = next((initializers[i] for i in projection.input if i in initializers), None)
+        users = consumers.get(node.output[0], [])
+        if bias is None or any(user.op_type == "LayerNormalization" for user in users):
+            continue
+        width = int(numpy_helper.to_array(bias).size)
+        affine = [f"{_ANCHOR}_scale_{width}", f"{_ANCHOR}_bias_{width}"]  # SkipLayerNormalization fusion wants both
+        for name, fill in zip(affine, (np.ones, np.zeros), strict=True):
+            if name not in initializers:
+                initializers[name] = numpy_helper.from_array(fill(width, dtype=np.float32), name)
+                graph.initializer.append(initializers[name])
+        anchors.append(f"{_ANCHOR}_{len(anchors)}")
+        new_nodes.append(helper.make_node("LayerNormalization", [node.output[0], *affine], [anchors[-1]], axis=-1))
+    graph.node.extend(new_nodes)
+    return anchors
+
+
+def _drop_anchors(graph, anchors: list[str]) -> None:
+    """Remove the anchors of :func:`_anchor_reducing_residuals` (outputs nothing reads) and their scales and biases."""
+    kept = [node for node in graph.node if not set(node.output) & set(anchors)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    scales = [init for init in graph.initializer if init.name.startswith(_ANCHOR) and init.name not in used]
+    for init in scales:
+        graph.initializer.remove(init)
+
+
 def fuse_for_onnxruntime(proto, out_path: Path, extra: dict) -> None:
     """onnxruntime's transformer optimizer (model type ``vit``, Python fusions only: the graph stays
-    runnable by any onnxruntime build of this version) with SkipLayerNormalization undone; writes ``out_path``."""
+    runnable by any onnxruntime build of this version) with SkipLayerNormalization undone; writes ``out_path``.
+
+    Token-reducing blocks (:mod:`pqv_lightning.tokens`) reduce between the attention residual and ``norm2``, where
+    the fusion looks for its ``LayerNormalization``: each such residual gets a temporary one for the fusion
+    (removed afterwards). A block whose attention adds the proportional-attention bias (``log(size)``) is not fused:
+    onnxruntime's ``Attention`` fusion takes no additive bias (``extra["ort_fusions"]`` counts what was fused)."""
     import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -193,6 +301,7 @@ def fuse_for_onnxruntime(proto, out_path: Path, extra: dict) -> None:
     work = onnx.ModelProto()
     work.CopyFrom(proto)
     _projection_branch_first(work.graph)
+    anchors = _anchor_reducing_residuals(work.graph)
     # its modules log under their bare names (it puts its own folder on sys.path); they warn about the
     # producer name, num_heads=0 (detected per node instead) and pruned widths
     loggers = [
@@ -205,13 +314,18 @@ def fuse_for_onnxruntime(proto, out_path: Path, extra: dict) -> None:
         lg.setLevel(logging.ERROR)
     try:
         optimized = optimize_model(
-            work, model_type="vit", num_heads=0, hidden_size=0, opt_level=0,
+            work,
+            model_type="vit",
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
             optimization_options=FusionOptions("vit"),
-        )  # fmt: skip
+        )
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
     extra["ort_fusions"] = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     extra["skip_layer_norm_unfused"] = _unfuse_skip_layer_norm(optimized.model.graph)
+    _drop_anchors(optimized.model.graph, anchors)
     del optimized.model.graph.value_info[:]  # stale shapes from the exporter; shape inference redoes them
     optimized.save_model_to_file(str(out_path))

@@ -13,7 +13,9 @@ the runtime of ``KIND`` (an onnxruntime probe never imports torch). Modes:
   line ``PQV_TIMING {"wall_ms": [...], "cpu_ms": [...]}`` with the per-call wall-clock and process CPU times.
   EOF ends it. Between batches it blocks on stdin, using no CPU. ``KIND`` may also be ``eager``: ``PATH`` is
   then a ``state_dict`` file of the timm model ``--model`` (``--model-kwargs`` JSON), after the pruning
-  structure ``--structure`` (JSON) is replayed.
+  structure ``--structure`` (JSON) is replayed and the token reduction ``--tokens`` (``TokenReduction.as_dict()``
+  JSON) applied; with ``--tokens`` the ready line carries what the loaded model runs,
+  ``PQV_READY {"tokens": {"method": ..., "r": ..., "tokens_per_block": [...]}}``.
 
 :func:`memory_command` and :func:`serve_command` build these command lines.
 """
@@ -48,9 +50,17 @@ SERVE_KINDS = ("eager", *FORMATS)
 
 def _base(mode: str, kind: str, path: str | None, shape: Sequence[int], threads: int) -> list[str]:
     return [
-        sys.executable, "-m", "pqv_lightning.export.probe", mode, kind,
-        *([path] if path else []), "--shape", ",".join(str(int(s)) for s in shape), "--threads", str(threads),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pqv_lightning.export.probe",
+        mode,
+        kind,
+        *([path] if path else []),
+        "--shape",
+        ",".join(str(int(s)) for s in shape),
+        "--threads",
+        str(threads),
+    ]
 
 
 def memory_command(
@@ -77,14 +87,20 @@ def serve_command(
     model: str | None = None,
     model_kwargs: dict | None = None,
     structure: str | None = None,
+    tokens: dict | None = None,
 ) -> list[str]:
-    """The command line of a ``serve`` probe (``model``, ``model_kwargs``, ``structure``: for ``eager``)."""
+    """The command line of a ``serve`` probe (``model``, ``model_kwargs``, ``structure``, ``tokens``: for
+    ``eager``; ``tokens`` is a ``TokenReduction.as_dict()``)."""
     return [
-        *_base("serve", kind, path, shape, threads), "--warmup", str(warmup),
-        *(["--engine", engine] if engine else []), *(["--ort-spinning"] if ort_spinning else []),
+        *_base("serve", kind, path, shape, threads),
+        "--warmup",
+        str(warmup),
+        *(["--engine", engine] if engine else []),
+        *(["--ort-spinning"] if ort_spinning else []),
         *(["--model", model, "--model-kwargs", json.dumps(model_kwargs or {})] if model else []),
         *(["--structure", structure] if structure else []),
-    ]  # fmt: skip
+        *(["--tokens", json.dumps(tokens)] if tokens is not None else []),
+    ]
 
 
 def read_peak(stdout: str) -> int | None:
@@ -105,21 +121,27 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _bound_call(args: argparse.Namespace) -> Callable[[], Any]:
-    """Load the artifact (or the eager model) and return the zero-argument call on a random input."""
+def _bound_call(args: argparse.Namespace) -> tuple[Callable[[], Any], str]:
+    """Load the artifact (or the eager model); return the zero-argument call on a random input and what the ready
+    line reports about the loaded model (the token reduction of an eager model given ``--tokens``, else "")."""
     if args.kind == "eager":
         from pqv_lightning.export.eager import load_eager_model, module_artifact, random_tensor, set_torch_threads
 
         set_torch_threads(args.threads)
-        module = load_eager_model(args.model, args.path, json.loads(args.model_kwargs), args.structure)
-        return module_artifact(module, "eager", args.engine).bind(random_tensor(args.shape))
+        module = load_eager_model(args.model, args.path, json.loads(args.model_kwargs), args.structure, args.tokens)
+        ready = ""
+        if args.tokens is not None:
+            from pqv_lightning.tokens import token_summary
+
+            ready = json.dumps({"tokens": token_summary(module, args.shape[-2:])})
+        return module_artifact(module, "eager", args.engine).bind(random_tensor(args.shape)), ready
     loaded = load_artifact(args.path, args.kind, args.threads, args.engine, ort_spinning=args.ort_spinning)
-    return loaded.bind(random_input(args.kind, args.shape))
+    return loaded.bind(random_input(args.kind, args.shape)), ""
 
 
 def _memory(args: argparse.Namespace) -> None:
     if args.path:
-        run = _bound_call(args)
+        run, _ = _bound_call(args)
         for _ in range(args.runs):
             run()
     else:
@@ -129,7 +151,8 @@ def _memory(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    serve_requests(_bound_call(args), args.warmup)
+    run, ready = _bound_call(args)
+    serve_requests(run, args.warmup, ready)
 
 
 def serve_requests(run: Callable[[], Any], warmup: int, ready: str = "") -> None:
@@ -150,6 +173,14 @@ def serve_requests(run: Callable[[], Any], warmup: int, ready: str = "") -> None
         print(f"{TIMING_TAG} {json.dumps({'wall_ms': wall, 'cpu_ms': cpu})}", flush=True)
 
 
+def _json_dict(text: str) -> dict:
+    """A JSON object from the command line (argparse names the option and the value when this raises)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object: {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pqv_lightning.export.probe", description=__doc__.split("\n")[0])
     parser.add_argument("mode", choices=("memory", "serve"))
@@ -166,6 +197,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="eager: the timm model name")
     parser.add_argument("--model-kwargs", default="{}", help="eager: timm kwargs as JSON")
     parser.add_argument("--structure", default=None, help="eager: a JSON pruning structure to replay first")
+    parser.add_argument(
+        "--tokens", default=None, type=_json_dict, help="eager: token reduction (TokenReduction.as_dict() JSON)"
+    )
     return parser
 
 
@@ -174,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kind == "eager" and (args.mode != "serve" or not args.model or not args.path):
         parser.error("kind eager needs serve mode, --model and PATH (its state_dict file)")
+    if args.tokens is not None and args.kind != "eager":
+        parser.error("--tokens applies to kind eager only (a file carries its own token reduction)")
     if args.mode == "serve" and not args.path:
         parser.error("serve mode needs PATH")
     (_memory if args.mode == "memory" else _serve)(args)

@@ -19,15 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.eager import module_artifact, random_tensor, set_torch_threads
-from pqv_lightning.export.formats import TORCHSCRIPT_METHODS, LoadedArtifact
+from pqv_lightning.export.formats import LoadedArtifact
 from pqv_lightning.quantization import LEGACY_ENGINES, quantized_engine
+from pqv_lightning.quantization.methods import list_methods
 from pqv_lightning.utils.checks import check_choice
 from pqv_lightning.utils.deprecations import jit_deprecations_silenced
 from pqv_lightning.utils.errors import error_summary, last_line
 from pqv_lightning.utils.io import atomic_write
 
 if TYPE_CHECKING:
-    from pqv_lightning.export.writer import ArtifactWriter
+    from pqv_lightning.export.writer import ArtifactWriter, ExportJob
     from pqv_lightning.quantization import QuantizedModel
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "random_input",
     "to_torchscript",
     "torchscript_variants",
-    "write_torchscript",
+    "write",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,14 @@ def torchscript_variants(
     yield "fp32", "fp32", "cpu", model, None, None
     for q in quantized:
         t = q.target
-        if t.method in TORCHSCRIPT_METHODS:
+        if t.spec.torchscript:
             module = q.unwrapped() if t.engine else q.module
             yield t.name, t.precision, t.backend, module, t.engine, None
         else:
             reason = (
                 f"quantization method {t.method!r} is not TorchScript-able (TorchScript takes "
-                f"{', '.join(TORCHSCRIPT_METHODS)}); its deployment formats are executorch and onnx"
+                f"{', '.join(m.name for m in list_methods() if m.torchscript)}); its deployment formats are the "
+                "ones that quantize the float model themselves"
             )
             yield t.name, t.precision, t.backend, None, None, reason
 
@@ -108,7 +110,16 @@ class _Scripted:
 
     def script(self, extra: dict) -> torch.jit.ScriptModule:
         if self._scripted is None:
-            self._scripted = to_torchscript(self.module, self.example_input, self._extra)
+            from pqv_lightning.tokens import token_summary
+
+            tokens = token_summary(self.module, self.example_input.shape[-2:])
+            if tokens is not None:  # Python over shapes and settings: traced at the export shape, not scripted
+                self._extra["tokens"] = tokens
+                self._extra["script_skipped"] = (
+                    "token reduction: the token counts per block are Python ints of the input shape (traced at the "
+                    "export shape)"
+                )
+            self._scripted = to_torchscript(self.module, self.example_input, self._extra, use_script=tokens is None)
         extra.update(self._extra)
         return self._scripted
 
@@ -152,27 +163,35 @@ class _Scripted:
             atomic_write(path, write)
 
 
-def write_torchscript(
-    writer: ArtifactWriter, model: nn.Module, formats: tuple[str, ...], quantized: Sequence[QuantizedModel]
-) -> None:
-    """Write and verify the ``torchscript`` and/or ``lite`` files of the float model and every TorchScript-able
-    quantized variant (the others are recorded as skipped, with the reason)."""
-    wanted = [f for f in ("torchscript", "lite") if f in formats]
-    eager_modules = {"fp32": model} | {q.target.name: q.module for q in quantized}
+def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
+    """Write and verify the ``torchscript`` and ``lite`` files of ``job`` (the format protocol, for both formats):
+    ``"fp32"`` is the float model, ``"quantized"`` each TorchScript-able variant of ``job.quantized`` (the others are
+    recorded as skipped, with the reason). A variant is scripted once for both files."""
+    wanted = {fmt: job.artifacts.get(fmt, ()) for fmt in ("torchscript", "lite")}
+    eager_modules = {"fp32": model} | {q.target.name: q.module for q in job.quantized}
     with jit_deprecations_silenced():
-        for tag, precision, backend, module, engine, skip in torchscript_variants(model, quantized):
+        for tag, precision, backend, module, engine, skip in torchscript_variants(model, job.quantized):
+            asked = [
+                fmt for fmt, precisions in wanted.items() if ("fp32" if tag == "fp32" else "quantized") in precisions
+            ]
             if module is None:
-                for fmt in wanted:
+                for fmt in asked:
                     writer.record(f"{fmt}-{tag}", fmt, precision, backend, status="skipped", reason=skip)
                 continue
             scripted = _Scripted(module, writer.example_input, engine)
             eager_variant = None if tag == "fp32" else eager_modules[tag]
             for fmt, suffix, build in (("torchscript", "pt", scripted.write_pt), ("lite", "ptl", scripted.write_ptl)):
-                if fmt in formats:
+                if fmt in asked:
                     writer.produce(
-                        f"{fmt}-{tag}", fmt, precision, backend, f"{tag}.{suffix}", build,
-                        functools.partial(_verifier, kind=fmt, engine=engine), eager_variant=eager_variant,
-                    )  # fmt: skip
+                        f"{fmt}-{tag}",
+                        fmt,
+                        precision,
+                        backend,
+                        f"{tag}.{suffix}",
+                        build,
+                        functools.partial(_verifier, kind=fmt, engine=engine),
+                        eager_variant=eager_variant,
+                    )
 
 
 def _verifier(path: Path, kind: str, engine: str | None):

@@ -1,25 +1,60 @@
 """Write one file, load it back in its own runtime, verify it and record the outcome, without ever raising:
-a failure in one format or precision is a record, and the others go on."""
+a failure in one format or precision is a record, and the others go on. :class:`ExportJob` is what one export asks
+of every format module."""
 
 from __future__ import annotations
 
 import logging
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from pqv_lightning.export.formats import get_format
 from pqv_lightning.export.manifest import ArtifactRecord
 from pqv_lightning.export.verify import ReferencePiece, VerifyThresholds, verify_outputs
 from pqv_lightning.utils.errors import error_summary
 from pqv_lightning.utils.io import sha256_file
 
-__all__ = ["ArtifactWriter"]
+if TYPE_CHECKING:
+    from pqv_lightning.quantization import QuantizedModel
+
+__all__ = ["ArtifactWriter", "ExportJob"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportJob:
+    """What one :func:`~pqv_lightning.export.export_artifacts` call asks of the format modules (each reads its own
+    formats' entries).
+
+    Attributes:
+        artifacts: ``{format: precisions}`` (checked against the registry).
+        options: ``{format: {option: value}}``, every option of every format in ``artifacts``.
+        calibration: image batches for the calibrated precisions.
+        float_layers: ``{"<format>-<precision>": layer names}`` kept in float by the quantized files.
+        quantized: the post-training quantized variants (TorchScript takes the eager torch.ao / fp16 ones).
+        trained: the quantization-aware-trained variants (formats with ``takes_trained`` write them).
+        shared: scratch space for formats implemented by one module (TorchScript scripts a variant once for
+            ``.pt`` and ``.ptl``).
+    """
+
+    artifacts: dict[str, tuple[str, ...]]
+    options: dict[str, dict[str, Any]]
+    calibration: Sequence[Tensor] | None = None
+    float_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    quantized: list[QuantizedModel] = field(default_factory=list)
+    trained: list[QuantizedModel] = field(default_factory=list)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def keep(self, fmt: str, precision: str) -> tuple[str, ...]:
+        """The layers the ``fmt`` file at ``precision`` keeps in float."""
+        return tuple(self.float_layers.get(f"{fmt}-{precision}", ()))
 
 
 class ArtifactWriter:
@@ -33,8 +68,12 @@ class ArtifactWriter:
         thresholds: VerifyThresholds,
         prefix: str,
         on_record: Callable[[list[ArtifactRecord]], None] | None = None,
+        val_batches: Sequence[tuple[Tensor, Tensor]] = (),
     ) -> None:
         self.out_dir = out_dir
+        #: the verification images (``pieces`` is their reference output; a variant verified against its own
+        #: eager module swaps in its own pieces)
+        self.val_batches = val_batches
         self.example_input = example_input
         self.pieces = pieces
         self.thresholds = thresholds
@@ -86,11 +125,14 @@ class ArtifactWriter:
         path = self.out_dir / f"{self.prefix}{filename}"
         rec = self._new_record(name, fmt, precision, backend, extra=dict(extra or {}))
         stage = "export"
+        files = get_format(fmt).files_of(path)
         try:
             build(path, rec.extra)
             rec.path = str(path)
-            rec.size_bytes = path.stat().st_size
+            rec.size_bytes = sum(file.stat().st_size for file in files)
             rec.sha256 = sha256_file(path)
+            if len(files) > 1:
+                rec.extra["companions"] = {file.name: sha256_file(file) for file in files[1:]}
             stage = "load"
             run = load(path)
             stage = "verify"
@@ -98,8 +140,10 @@ class ArtifactWriter:
         except Exception as e:
             rec.reason = f"{stage} failed: {error_summary(e, limit=600)}"
             rec.extra["traceback"] = traceback.format_exc(limit=-4)
-            if stage == "export" and path.exists():  # a file left by an earlier run is not this model's
-                path.unlink()
+            stale = [file for file in files if file.exists()] if stage == "export" else []
+            for file in stale:  # a file left by an earlier run is not this model's
+                file.unlink()
+            if stale:
                 rec.extra["removed_stale_file"] = path.name
             log.warning("%s: %s", name, rec.reason)
             self._finished()

@@ -21,6 +21,13 @@ Why nodes stay outside when a timm ViT is lowered as it comes (executorch 1.5.x 
   instead of unbinding, and :class:`StaticReshapePass` turns every squeeze/unsqueeze into ``view_copy`` and
   every select into ``slice_copy`` + ``view_copy`` (valid because exported shapes are static).
 
+* Token reduction (:mod:`pqv_lightning.tokens`) moves tokens with ``gather``/``scatter_add`` of index tensors
+  expanded to ``[B, K, C]`` (no XNNPACK config for either; the expands became ``cat`` of ``C`` integer views,
+  all outside). The reduced models are switched to the matrix form (:mod:`pqv_lightning.tokens.slots`): the tokens
+  move by one ``bmm`` inside the delegate, and only the matching (``max``/``topk`` on the similarity scores,
+  ``gather``/``scatter`` of ``[B, 1, N]`` slot tables, the ``scatter`` that builds the reduction matrix, its
+  zero fill) stays outside. Integer expands are left alone by :class:`StaticReshapePass`.
+
 Not a delegation problem but a speed one: the patch-embedding convolution (stride == kernel) is written as
 patch reshape + ``linear`` (:class:`_DelegablePatchifyConv2d`), which the quantizers treat as one more
 fully-connected layer.
@@ -44,9 +51,10 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from pqv_lightning.export.formats import ATTENTION_PRECISIONS
+from pqv_lightning.export.formats import get_format
 from pqv_lightning.export.inputs import described
 from pqv_lightning.export.patchify import is_patchify_conv, to_patches
+from pqv_lightning.tokens import REDUCED_CLASSES, is_token_reduced, set_reduction_form
 from pqv_lightning.utils.checks import check_choice, invalid
 
 __all__ = [
@@ -218,6 +226,12 @@ def register_xnnpack_rewrite(module_type: type[nn.Module], rewrite: Rewrite) -> 
     _REWRITES[module_type] = rewrite
 
 
+def _reduction_as_matrix(module: nn.Module) -> None:
+    """A token-reduced model moves its tokens by matrix products (:mod:`pqv_lightning.tokens.slots`)."""
+    if is_token_reduced(module):
+        set_reduction_form(module, "matrix")
+
+
 def _patchify_as_linear(module: nn.Module) -> None:
     if is_patchify_conv(module):
         module.__class__ = _DelegablePatchifyConv2d
@@ -238,9 +252,12 @@ for _type, _rewrite in (
     (nn.AdaptiveAvgPool2d, _DelegableAdaptiveAvgPool2d),
 ):
     register_xnnpack_rewrite(_type, _rewrite)
+for _type in REDUCED_CLASSES.values():
+    register_xnnpack_rewrite(_type, _reduction_as_matrix)
 
 
 #: The dtypes the attention products of a prepared timm ``Attention`` can run in (``prepare_for_xnnpack``).
+ATTENTION_PRECISIONS = get_format("executorch").option("attention").choices
 ATTENTION_DTYPES = dict(zip(ATTENTION_PRECISIONS, (torch.float32, torch.float16), strict=True))
 
 
@@ -279,8 +296,9 @@ def prepare_for_xnnpack(model: nn.Module, attention: str = "fp32") -> nn.Module:
 def attention_blocks(model: nn.Module) -> int:
     """How many blocks of ``model`` :func:`prepare_for_xnnpack` turns into its attention (what ``attention="fp16"``
     applies to): timm ``Attention`` and any type registered with that rewrite."""
-    return sum(isinstance(m, _DelegableAttention) or _REWRITES.get(type(m)) is _DelegableAttention
-               for m in model.modules())  # fmt: skip
+    return sum(
+        isinstance(m, _DelegableAttention) or _REWRITES.get(type(m)) is _DelegableAttention for m in model.modules()
+    )
 
 
 def check_attention_blocks(model: nn.Module, attention: str, name: str = "attention") -> None:
@@ -296,8 +314,8 @@ def low_precision_attention_count(model: nn.Module) -> int:
 
 
 class StaticReshapePass(ExportPass):
-    """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, expand as cat; split
-    as slices; a mean over any dims as the one ``mean`` XNNPACK delegates.
+    """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, float expand as cat;
+    split as slices; a mean over any dims as the one ``mean`` XNNPACK delegates.
 
     XNNPACK delegates ``view_copy``, ``slice_copy`` and ``cat`` but has no squeeze/select/expand config (and
     unsqueeze only on the trailing dim); with static shapes each of these is a reshape of a (sliced) tensor,
@@ -305,10 +323,10 @@ class StaticReshapePass(ExportPass):
     LeViT-style attention, rotary tables) has no config; each of its outputs is a ``slice_copy``. ``mean.dim`` is
     delegated only over dims (2, 3) of a 4-D tensor with ``keepdim``: any other mean (token pooling ``x.mean(1)``,
     channels-last pooling) is a permute that moves the reduced dims last, a ``[1, kept, reduced, 1]`` view, that
-    mean, and a view to the result's shape. ``alias_copy`` (a no-op slice or pad) is dropped, and so is a
-    ``constant_pad_nd`` that pads nothing (Swin's window pad in an INT8 graph: XNNPACK builds a quantized pad only
-    with equal input and output quantization and fails to load the program otherwise). Runs after
-    ``RemoveNoopExpandCopyPass``.
+    mean, and a view to the result's shape. ``alias_copy`` (a no-op slice or pad) and a layout-keeping copy of a
+    constant are dropped, and so is a ``constant_pad_nd`` that pads nothing (Swin's window pad in an INT8 graph:
+    XNNPACK builds a quantized pad only with equal input and output quantization and fails to load the program
+    otherwise). Runs after ``RemoveNoopExpandCopyPass``.
     """
 
     _SQUEEZES = (
@@ -320,8 +338,11 @@ class StaticReshapePass(ExportPass):
 
     @staticmethod
     def _expand_as_cat(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
-        """A broadcasting expand (e.g. the class token to batch > 1) as ``cat`` of copies per expanded dim."""
+        """A broadcasting float expand (e.g. the class token to batch > 1) as ``cat`` of copies per expanded dim.
+        Integer expands (index tables) stay: XNNPACK takes no integer ``cat`` either."""
         src = node.args[0]
+        if not src.meta["val"].dtype.is_floating_point:
+            return None
         in_shape = [int(s) for s in src.meta["val"].shape]
         out_shape = [int(s) for s in node.meta["val"].shape]
         if len(in_shape) != len(out_shape):
@@ -399,6 +420,19 @@ class StaticReshapePass(ExportPass):
         graph.erase_node(node)
         return True
 
+    @staticmethod
+    def _constant_copy(node: torch.fx.Node) -> bool:
+        """A copy of a graph input that keeps its layout and is not an output (what ``torch.tensor(...)`` in a forward
+        exports as: a constant and its copy; removing the copy is exact, nothing in the graph mutates)."""
+        if node.target not in (exir_ops.edge.dim_order_ops._clone_dim_order.default, exir_ops.edge.aten.clone.default):
+            return False
+        src = node.args[0]
+        dim_order = node.kwargs.get("dim_order")
+        keeps_layout = dim_order is None or list(src.meta["val"].dim_order()) == list(dim_order)
+        memory_format = node.kwargs.get("memory_format")
+        keeps_layout &= memory_format in (None, torch.contiguous_format, torch.preserve_format)
+        return src.op == "placeholder" and keeps_layout and all(user.op != "output" for user in node.users)
+
     def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         changed = False
@@ -410,6 +444,11 @@ class StaticReshapePass(ExportPass):
                 continue
             if node.target == exir_ops.edge.aten.mean.dim:
                 changed |= self._mean_as_4d(graph, node)
+                continue
+            if self._constant_copy(node):  # token reduction's index tables (``torch.tensor`` in the forward)
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                changed = True
                 continue
             if node.target == exir_ops.edge.aten.alias_copy.default or (  # a no-op slice or pad (Swin's windows)
                 node.target == exir_ops.edge.aten.constant_pad_nd.default and not any(node.args[1])

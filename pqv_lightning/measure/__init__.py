@@ -12,7 +12,7 @@ from pqv_lightning.measure.machine import ISA_FLAGS, CpuInfo, cpu_info, set_thre
 from pqv_lightning.measure.memory import peak_memory, runtime_baseline_memory
 from pqv_lightning.measure.process import fresh_process_latency
 from pqv_lightning.measure.profile import OpTime, operator_profile
-from pqv_lightning.measure.runner import FILE_KINDS, KINDS, Runner, kind_of, make_runner
+from pqv_lightning.measure.runner import FILE_KINDS, KINDS, Runner, file_kinds, kind_of, kinds, make_runner
 
 __all__ = [
     "FILE_KINDS",
@@ -23,9 +23,11 @@ __all__ = [
     "OpTime",
     "Runner",
     "cpu_info",
+    "file_kinds",
     "fresh_process_latency",
     "interleaved_latency",
     "kind_of",
+    "kinds",
     "make_runner",
     "measure_artifacts",
     "measure_latency",

@@ -10,7 +10,7 @@ import torch
 from pqv_lightning.export.manifest import ArtifactRecord
 from pqv_lightning.measure.latency import interleaved_latency
 from pqv_lightning.measure.memory import peak_memory, runtime_baseline_memory
-from pqv_lightning.measure.runner import FILE_KINDS, Runner, make_runner
+from pqv_lightning.measure.runner import Runner, file_kinds, make_runner
 from pqv_lightning.utils.checks import check_choice, check_int
 
 __all__ = ["measure_artifacts"]
@@ -42,7 +42,7 @@ def measure_artifacts(
         row["measured"] = rec.status == "ok"
         rows.append(row)
         if rec.status == "ok":
-            check_choice(f"records[{i}].format", rec.format, FILE_KINDS)
+            check_choice(f"records[{i}].format", rec.format, file_kinds())
             x = torch.randn(rec.input_shape)
             runners[str(i)] = make_runner(rec.path, rec.format, x, threads, rec.engine)
     stats = interleaved_latency(runners, warmup, runs) if runners else {}

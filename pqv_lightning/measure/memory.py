@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pqv_lightning.export import probe
-from pqv_lightning.measure.runner import FILE_KINDS
+from pqv_lightning.measure.runner import file_kinds
 from pqv_lightning.utils.checks import check_choice, check_int, invalid
 
 __all__ = ["peak_memory", "runtime_baseline_memory"]
@@ -27,7 +27,7 @@ def _probe_peak(kind: str, path: str | None, input_shape: Sequence[int], threads
 
 
 def _check_memory_args(kind: str, input_shape: Sequence[int], threads: int, runs: int) -> None:
-    check_choice("kind", kind, FILE_KINDS)
+    check_choice("kind", kind, file_kinds())
     check_int("threads", threads, 1)
     check_int("runs", runs, 1)
     if not input_shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape):

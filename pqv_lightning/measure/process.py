@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pqv_lightning.export import probe
 from pqv_lightning.measure.latency import LatencyStats
-from pqv_lightning.measure.runner import FILE_KINDS
+from pqv_lightning.measure.runner import file_kinds
 from pqv_lightning.utils.checks import check_choice, check_int
 
 __all__ = ["fresh_process_latency"]
@@ -40,7 +40,7 @@ def fresh_process_latency(
     ``ort_spinning`` keeps onnxruntime's default (idle workers spin between operators), as a deployment alone on
     its cores runs it; without spinning, waking the workers for every operator costs deit_small at 2 threads
     about a third more here."""
-    check_choice("kind", kind, FILE_KINDS)
+    check_choice("kind", kind, file_kinds())
     check_int("threads", threads, 1)
     check_int("warmup", warmup, 0)
     check_int("runs", runs, 1)

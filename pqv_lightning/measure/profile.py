@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.measure.machine import set_threads
-from pqv_lightning.measure.runner import KINDS, make_runner
+from pqv_lightning.measure.runner import kinds, make_runner
 from pqv_lightning.utils.checks import check_choice, check_int
 
 __all__ = ["OpTime", "operator_profile"]
@@ -128,7 +128,7 @@ def operator_profile(
     profiling JSON (node kernel time by op type); ExecuTorch: ETDump (per XNNPACK operator type and per
     portable kernel). Unlike a latency figure this is one small sample (``passes`` passes after one warm-up).
     """
-    check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, kinds())
     check_int("threads", threads, 1)
     check_int("passes", passes, 1)
     check_int("top", top, 1)

@@ -15,21 +15,32 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.export.eager import module_artifact
-from pqv_lightning.export.formats import format_of
+from pqv_lightning.export.formats import format_names, format_of, get_format
 from pqv_lightning.export.inputs import check_float_tensor, described
 from pqv_lightning.export.loader import load_artifact
 from pqv_lightning.measure.machine import set_threads
 from pqv_lightning.quantization import LEGACY_ENGINES
 from pqv_lightning.utils.checks import check_choice, check_int, invalid
 
-__all__ = ["FILE_KINDS", "KINDS", "Runner", "kind_of", "make_runner"]
+__all__ = ["FILE_KINDS", "KINDS", "Runner", "file_kinds", "kind_of", "kinds", "make_runner"]
 
-KINDS = ("eager", "torchscript", "lite", "onnx", "executorch", "aoti")
-FILE_KINDS = KINDS[1:]
+#: What can be timed: a file of each registered format, or the eager model (at import; see :func:`kinds`).
+FILE_KINDS = format_names()
+KINDS = ("eager", *FILE_KINDS)
+
+
+def file_kinds() -> tuple[str, ...]:
+    """The file kinds that can be timed: every format registered now."""
+    return format_names()
+
+
+def kinds() -> tuple[str, ...]:
+    """What can be timed: the eager model or a file of a registered format."""
+    return ("eager", *format_names())
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """Artifact kind from a file suffix (``.pt``, ``.ptl``, ``.onnx``, ``.pte``, ``.pt2``)."""
+    """Artifact kind from a file suffix (each registered format's own)."""
     return format_of(path)
 
 
@@ -78,7 +89,7 @@ def make_runner(
     ``threads`` is fixed for the runtime (see :mod:`pqv_lightning.measure.machine`); ``engine`` is the
     ``torch.backends.quantized`` engine a torch.ao INT8 TorchScript/lite file was packed for (e.g. ``x86``).
     """
-    check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, kinds())
     check_int("threads", threads, 1)
     check_choice("engine", engine, LEGACY_ENGINES, allow_none=True)
     check_float_tensor("example_input", example_input)
@@ -92,6 +103,6 @@ def make_runner(
     if kind == "eager":
         loaded = module_artifact(artifact, "eager", engine)
     else:
-        loaded = load_artifact(artifact, kind, threads, engine if kind in ("torchscript", "lite") else None)
+        loaded = load_artifact(artifact, kind, threads, engine if get_format(kind).takes_engine else None)
     call = loaded.bind(x.numpy() if loaded.takes_numpy else x)
     return Runner(kind, loaded.predict, x, threads, call, keep=loaded)

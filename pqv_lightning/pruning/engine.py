@@ -44,12 +44,26 @@ def _resolve_ignored(model: nn.Module, spec: PruningSpec) -> list[nn.Module]:
     return [modules[n] for n in spec.ignored_layers]
 
 
+def _on_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the device of ``model``'s parameters and, if floating, in their dtype.
+
+    Callers hand the engine data as a loader yields it (float32, often on the CPU), while the model may already sit
+    on a GPU or in another precision (``precision="bf16-true"`` / ``"64-true"`` converts the module, not the
+    batches a callback reads), so every forward pass the engine makes takes its inputs through here.
+    """
+    param = next(model.parameters(), None)
+    if param is None:
+        return x
+    dtype = param.dtype if x.is_floating_point() and param.is_floating_point() else None
+    return x.to(device=param.device, dtype=dtype)
+
+
 def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+            macs, params = tp.utils.count_ops_and_params(model, _on_model(example_inputs[:1], model))
     finally:
         model.train(was_training)
     return int(macs), int(params)
@@ -70,7 +84,6 @@ def _accumulate(
     calibration: Iterable,
     loss_fn: Callable,
     grad_reduce: Callable | None,
-    device: torch.device,
 ) -> None:
     """Gradients (Taylor) or mean squared per-sample gradients (Hessian/OBD) in `p.grad`, rank-reduced; the
     activation / Fisher statistics of `importance` collected on the layers (see `importances.collecting`)."""
@@ -87,7 +100,8 @@ def _accumulate(
             p.grad = None
         with torch.enable_grad(), collecting(model, importance):
             for x, y in itertools.islice(calibration, spec.calibration_batches):
-                x, y = x.to(device), y.to(device)
+                x = _on_model(x, model)
+                y = y.to(x.device)
                 _clear_caches(model)
                 out = model(x)
                 if spec.hessian:
@@ -232,6 +246,17 @@ def prune(
     mode, so weights and BatchNorm statistics are untouched); `grad_reduce` is applied to every
     accumulated statistic before ranking (e.g. an all-reduce mean under DDP) so all ranks agree.
     A budget (`target_macs` / `target_params`) is met by bisection on the ratio, on copies of the model.
+
+    Raises:
+        InvalidArgumentError: a model family the engine refuses (with what prevents it), or an option the family
+            does not take (e.g. ``prune_heads`` where heads are not separable).
+        ValueError: a budget no ratio reaches, or data-driven importance without calibration batches.
+
+    Example::
+
+        result = prune(model, PruningSpec(ratio=0.25, importance="taylor"), images[:1], calibration=batches)
+        fresh = timm.create_model(name, num_classes=10)
+        apply_structure(fresh, result.structure)  # the same widths, replayed without tracing
     """
     if not isinstance(spec, PruningSpec):
         raise TypeError(f"spec must be a PruningSpec, got {type(spec).__name__}")
@@ -242,13 +267,13 @@ def prune(
             f"importance={spec.to_dict()['importance']!r} needs calibration batches; pass "
             "calibration=an iterable of (inputs, targets), or use importance 'l1', 'l2' or 'random'."
         )
-    device = next(model.parameters()).device
+    example_inputs = _on_model(example_inputs, model)
     macs_before, params_before = count_macs_params(model, example_inputs)
     widths_before = {n: st.out_width(m) for n, m in model.named_modules()}
     importance = spec.make_importance()
     try:
         if spec.data_driven:
-            _accumulate(model, spec, importance, calibration, loss_fn, grad_reduce, device)
+            _accumulate(model, spec, importance, calibration, loss_fn, grad_reduce)
         if spec.ratio is not None:
             structure = _prune_at(model, family, spec, spec.ratio, example_inputs, ignored, importance)
         else:
@@ -348,6 +373,7 @@ def check_budget(model: nn.Module, spec: PruningSpec, example_inputs: torch.Tens
         return
     family = check_supported(model, spec)
     metric, target = _budget(spec)
+    example_inputs = _on_model(example_inputs, model)
     macs0, params0 = count_macs_params(model, example_inputs)
     if (macs0 if metric == "macs" else params0) <= target:
         return
@@ -355,8 +381,9 @@ def check_budget(model: nn.Module, spec: PruningSpec, example_inputs: torch.Tens
     reached = macs0 if metric == "macs" else params0
     if hi > 0:
         probe = replace(spec, importance="l2")
-        _, reached = _trial(model, family, probe, hi, example_inputs, list(probe.ignored_layers), metric,
-                            probe.make_importance())  # fmt: skip
+        _, reached = _trial(
+            model, family, probe, hi, example_inputs, list(probe.ignored_layers), metric, probe.make_importance()
+        )
     if reached > target:
         raise _unreachable(spec, hi, reached)
 

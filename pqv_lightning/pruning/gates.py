@@ -152,11 +152,14 @@ def attach_gates(model: nn.Module, init: float = 1.0) -> dict[str, nn.Parameter]
     sites = list(_sites(model))
     if not sites:
         raise ValueError(f"Sparsity gates: {check_supported(model).name} has no gateable channels.")
-    device = next(model.parameters()).device
     for site in sites:
         linear = site.layer
-        linear.register_parameter(GATE_NAME, nn.Parameter(torch.full((site.width,), float(init), device=device)))
-        linear.register_buffer(_INDEX, site.index.to(device), persistent=False)
+        # On the gated layer's device and in its dtype: a float32 gate on a bf16 layer would turn its features
+        # float32 and break the next layer.
+        weight = linear.weight
+        gate = torch.full((site.width,), float(init), device=weight.device, dtype=weight.dtype)
+        linear.register_parameter(GATE_NAME, nn.Parameter(gate))
+        linear.register_buffer(_INDEX, site.index.to(weight.device), persistent=False)
         if site.output:
             handle = linear.register_forward_hook(_gate_output)
         else:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from pqv_lightning.quantization.sensitivity import LogitReference
 from pqv_lightning.quantization.targets import QuantizationTarget
 from pqv_lightning.utils.batches import images_of
 from pqv_lightning.utils.errors import error_summary
+from pqv_lightning.utils.modules import cpu_float_copy
 
 __all__ = ["QuantizationResult", "evaluate", "quantize_and_evaluate", "results_table", "top1_agreement"]
 
@@ -108,6 +108,7 @@ def quantize_and_evaluate(
     calibration: Sequence[tuple[Tensor, Tensor]] | None,
     mixed_precision: MixedPrecision | None = None,
     trained: Sequence[QuantizedModel] = (),
+    on_result: Callable[[QuantizationResult], None] | None = None,
 ) -> tuple[dict[str, float], list[QuantizationResult]]:
     """Quantize a CPU copy of ``model`` for each target; evaluate the float model and every variant.
 
@@ -116,9 +117,9 @@ def quantize_and_evaluate(
     from quantization-aware training) are evaluated after the targets, beside the same float model.
     Returns the float model's ``{"top1", "top5"}`` (fractions) and one result per target, then per trained
     variant, in order. A target that fails is recorded with its error and the others go on. ``model`` is never
-    modified.
+    modified. ``on_result(result)`` is called as each result is final (e.g. to show progress).
     """
-    float_model = copy.deepcopy(model).cpu().float().eval()
+    float_model = cpu_float_copy(model)
     float_metrics = _fractions(evaluate(float_model, val_batches))
     example = val_batches[0][0]
     mixed = mixed_precision if mixed_precision is not None and mixed_precision.active else None
@@ -129,7 +130,7 @@ def quantize_and_evaluate(
         plan = None
         try:
             keep: tuple[str, ...] = ()
-            if mixed is not None and target.method != "fp16":
+            if mixed is not None and target.spec.float_layers:
                 plan = plan_float_layers(float_model, target, mixed, reference or val_batches, calibration)
                 keep = plan.float_layers
             quantized = quantize(float_model, target, example, calibration, float_layers=keep)
@@ -138,15 +139,20 @@ def quantize_and_evaluate(
             result = QuantizationResult(target, None, error=error_summary(err), plan=plan)
         result.seconds = time.perf_counter() - start
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     for variant in trained:
         start = time.perf_counter()
         try:
-            result = _evaluated(QuantizationResult(variant.target, variant, origin=variant.origin), float_model,
-                                val_batches)  # fmt: skip
+            result = _evaluated(
+                QuantizationResult(variant.target, variant, origin=variant.origin), float_model, val_batches
+            )
         except Exception as err:
             result = QuantizationResult(variant.target, None, error=error_summary(err), origin=variant.origin)
         result.seconds = time.perf_counter() - start
         results.append(result)
+        if on_result is not None:
+            on_result(result)
     return float_metrics, results
 
 

@@ -20,15 +20,16 @@ from pqv_lightning.utils.checks import check_choice, invalid
 __all__ = ["GRANULARITIES", "block_of", "quantizable_layers", "resolve_float_layers", "units"]
 
 GRANULARITIES = ("layer", "block")
-#: Methods whose quantizer also takes convolutions (PT2E annotates conv like linear).
-_CONV_METHODS = ("int8_pt2e",)
+_LAYER_TYPES: dict[str, type[nn.Module]] = {"linear": nn.Linear, "conv2d": nn.Conv2d}
 
 
 def quantizable_layers(model: nn.Module, method: str = "int8_pt2e") -> list[str]:
-    """Names of the modules ``method`` quantizes, in module order (``fp16`` casts everything: none)."""
-    if method == "fp16":
+    """Names of the modules ``method`` quantizes, in module order (a method that casts everything: none)."""
+    from pqv_lightning.quantization.methods import get_method
+
+    kinds = tuple(_LAYER_TYPES[kind] for kind in get_method(method).layers)
+    if not kinds:
         return []
-    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d) if method in _CONV_METHODS else (nn.Linear,)
     return [name for name, module in model.named_modules() if name and isinstance(module, kinds)]
 
 

@@ -31,7 +31,6 @@ Everything runs on CPU; the input model is deep-copied and never mutated.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib.util
 import itertools
@@ -48,6 +47,7 @@ from pqv_lightning.quantization.targets import PT2E_BACKENDS, QuantizationTarget
 from pqv_lightning.utils.batches import images_of
 from pqv_lightning.utils.checks import check_choice, check_int, invalid
 from pqv_lightning.utils.deprecations import silenced
+from pqv_lightning.utils.modules import cpu_float_copy
 
 __all__ = [
     "EngineScoped",
@@ -176,7 +176,7 @@ def _calibrate(module: nn.Module, calibration: Iterable, limit: int | None) -> i
 
 
 def _float_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).cpu().float().eval()
+    return cpu_float_copy(model)
 
 
 def quantize(
@@ -194,38 +194,66 @@ def quantize(
     is required by ``int8_static`` and ``int8_pt2e``. INT4 weights are quantized in groups of
     ``int4_group_size`` input channels, per output channel for layers whose width it does not divide.
     ``float_layers`` (names or globs of layers or blocks, see :func:`resolve_float_layers`) stay in float.
+    The method is the target's registered :class:`~pqv_lightning.quantization.methods.QuantizationMethod`.
+
+    Raises:
+        InvalidArgumentError: an unknown target or backend, float layers that match nothing (or every layer, or any
+            layer for a method that casts the whole model), a bad example input.
+        ValueError: a calibrated method without calibration batches, or a model without a layer to quantize.
+
+    Example::
+
+        variant = quantize(model, "int8_pt2e:xnnpack", images[:1], calibration=[images], float_layers=["head"])
+        logits = variant.module(images)
     """
     target = QuantizationTarget.parse(target) if isinstance(target, str) else target
     if not isinstance(target, QuantizationTarget):
         raise invalid("target", target, "a QuantizationTarget or a 'method[:backend]' string")
-    _check_model(model, needs_linear=target.method != "fp16")
+    method = target.spec
+    _check_model(model, needs_linear=bool(method.layers))
     _check_example(example_input)
     keep = _float_layers_for(model, target, float_layers)
-    if target.calibrated:
+    if method.calibrated:
         _check_calibration(calibration, calibration_batches, target.method)
     check_int("int4_group_size", int4_group_size, 1)
     example_input = example_input.detach().cpu().float()
-    info: dict[str, object] = {"float_layers": list(keep)}
+    module, info = method.builder()(
+        _float_copy(model),
+        target,
+        example_input,
+        calibration,
+        calibration_batches,
+        keep,
+        {"int4_group_size": int4_group_size},
+    )
+    return QuantizedModel(target, module, {"float_layers": list(keep), **info})
 
-    if target.method == "int8_pt2e":
-        graph = quantize_pt2e(
-            model, target.backend, example_input, calibration, 8, calibration_batches, float_layers=keep
-        )
-        return QuantizedModel(target, graph, info)
 
-    float_model = _float_copy(model)
-    if target.method == "fp16":
-        module: nn.Module = HalfPrecision(float_model)
-    elif target.method == "int8_dynamic":
-        module = EngineScoped(_quantize_dynamic(float_model, target.backend, keep), target.backend)
-    elif target.method == "int8_static":
-        quantized, info["calibration_batches"] = _quantize_static_fx(
-            float_model, target.backend, example_input, calibration, calibration_batches, keep
-        )
-        module = EngineScoped(quantized, target.backend)
-    else:
-        module = _quantize_int4(float_model, int4_group_size, keep)
-    return QuantizedModel(target, module, info)
+# The build functions of the registered methods (pqv_lightning.quantization.methods): a float CPU copy in eval
+# mode, the target, an example input, the checked calibration batches,
+# the float layers and the method's options -> (quantized module, what to record).
+
+
+def build_fp16(model: nn.Module, target, example_input, calibration, calibration_batches, keep, options):
+    return HalfPrecision(model), {}
+
+
+def build_int8_dynamic(model: nn.Module, target, example_input, calibration, calibration_batches, keep, options):
+    return EngineScoped(_quantize_dynamic(model, target.backend, keep), target.backend), {}
+
+
+def build_int8_static(model: nn.Module, target, example_input, calibration, calibration_batches, keep, options):
+    quantized, seen = _quantize_static_fx(model, target.backend, example_input, calibration, calibration_batches, keep)
+    return EngineScoped(quantized, target.backend), {"calibration_batches": seen}
+
+
+def build_int8_pt2e(model: nn.Module, target, example_input, calibration, calibration_batches, keep, options):
+    graph = quantize_pt2e(model, target.backend, example_input, calibration, 8, calibration_batches, float_layers=keep)
+    return graph, {}
+
+
+def build_int4(model: nn.Module, target, example_input, calibration, calibration_batches, keep, options):
+    return _quantize_int4(model, options["int4_group_size"], keep), {}
 
 
 def _float_layers_for(model: nn.Module, target: QuantizationTarget, float_layers: Sequence[str]) -> tuple[str, ...]:
@@ -233,8 +261,10 @@ def _float_layers_for(model: nn.Module, target: QuantizationTarget, float_layers
         float_layers = [float_layers]
     if not float_layers:
         return ()
-    if target.method == "fp16":
-        raise invalid("float_layers", list(float_layers), "an empty list for fp16 (it casts the whole model)")
+    if not target.spec.float_layers:
+        raise invalid(
+            "float_layers", list(float_layers), f"an empty list for {target.method} (it casts the whole model)"
+        )
     keep = resolve_float_layers(model, float_layers, target.method)
     if len(keep) == len(quantizable_layers(model, target.method)):
         raise invalid(

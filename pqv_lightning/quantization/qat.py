@@ -123,14 +123,43 @@ def prepare_qat(
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     if has_batch_norm(work):
-        raise invalid("model", type(model).__name__, f"a model without batch norm for {target} QAT (the exported "
-                      "graph's train/eval switch rewrites batch-norm and dropout literals)")  # fmt: skip
+        raise invalid(
+            "model",
+            type(model).__name__,
+            f"a model without batch norm for {target} QAT (the exported "
+            "graph's train/eval switch rewrites batch-norm and dropout literals)",
+        )
     exported = export_for_pt2e(work.eval(), example_input)
     quantizer = pt2e_quantizer(target.backend, 8, False, keep, qat=True, batch_norm=False)
     prepared = prepare_qat_pt2e(exported, quantizer)
+    _portable(prepared)
     allow_exported_model_train_eval(prepared)
     prepared.train()  # the exported model's train() returns None
     return prepared
+
+
+def _fp32_input(_module: nn.Module, args: tuple) -> tuple:
+    return (args[0].float(), *args[1:])
+
+
+def _portable(prepared: nn.Module) -> None:
+    """Let the fake-quantized graph train on any device and under autocast, then convert on the CPU.
+
+    ``torch.export`` records each ``.to()``/``.float()`` that was a no-op for the example input as an
+    ``aten._assert_tensor_metadata`` node pinning the export run's device and dtype: a graph exported on a GPU would
+    then refuse CPU tensors at conversion, and under ``bf16-mixed`` autocast the bf16 output of an attention product
+    fails its float32 check. The nodes compute nothing, so they go. The fused observer-and-fake-quantize kernel
+    takes float32 only, so the fake quantizers get their input in float32 (autocast hands them bf16 activations).
+    """
+    graph = getattr(prepared, "graph", None)
+    if graph is not None:
+        asserts = [n for n in graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+        for node in asserts:
+            graph.erase_node(node)
+        if asserts:
+            prepared.recompile()
+    for _, quantizer in _fake_quantizers(prepared):
+        quantizer.register_forward_pre_hook(_fp32_input)
 
 
 def _fake_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,7 +11,6 @@ float recovers (the drop in KL from the fully quantized model), the order a floa
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pqv_lightning.quantization.layers import GRANULARITIES, quantizable_layers,
 from pqv_lightning.quantization.ptq import quantize
 from pqv_lightning.quantization.targets import QuantizationTarget
 from pqv_lightning.utils.checks import check_choice, invalid
+from pqv_lightning.utils.modules import cpu_float_copy
 
 __all__ = [
     "MODES",
@@ -51,7 +51,7 @@ class LogitReference:
         batches = [(images.detach().cpu().float(), labels.detach().cpu()) for images, labels in batches]
         if not batches:
             raise ValueError("LogitReference needs at least one (images, labels) batch.")
-        model = copy.deepcopy(model).cpu().float().eval()
+        model = cpu_float_copy(model)
         with torch.no_grad():
             return cls(batches, [model(images).float() for images, _ in batches])
 
@@ -153,8 +153,8 @@ def analyze_sensitivity(
     docstring) on ``batches`` (``(images, labels)``, or a :class:`LogitReference` of them); ``calibration`` as for
     :func:`~pqv_lightning.quantization.quantize`. ``model`` is never modified."""
     target = QuantizationTarget.parse(target) if isinstance(target, str) else target
-    if target.method == "fp16":
-        raise invalid("target", str(target), "a target that quantizes layers (fp16 casts the whole model)")
+    if not target.spec.float_layers:
+        raise invalid("target", str(target), f"a target that quantizes layers ({target.method} casts the whole model)")
     check_choice("granularity", granularity, GRANULARITIES)
     modes = tuple(dict.fromkeys(modes if not isinstance(modes, str) else [modes]))
     for i, mode in enumerate(modes):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pqv_lightning.utils.checks import check_choice, check_int, invalid
+from pqv_lightning.quantization.methods import LEGACY_ENGINES, get_method, list_methods, method_names
+from pqv_lightning.utils.checks import check_int, invalid
 
 __all__ = [
     "CALIBRATED_METHODS",
@@ -21,19 +21,11 @@ __all__ = [
     "supported_targets",
 ]
 
-METHODS: tuple[str, ...] = ("fp16", "int8_dynamic", "int8_static", "int8_pt2e", "int4_weight")
-LEGACY_ENGINES: tuple[str, ...] = ("x86", "fbgemm", "qnnpack", "onednn")
-PT2E_BACKENDS: tuple[str, ...] = ("xnnpack", "x86")
-#: Methods that calibrate activation ranges on images.
-CALIBRATED_METHODS: tuple[str, ...] = ("int8_static", "int8_pt2e")
-_BACKENDS: dict[str, tuple[str, ...]] = {
-    "fp16": ("none",),
-    "int8_dynamic": LEGACY_ENGINES,
-    "int8_static": LEGACY_ENGINES,
-    "int8_pt2e": PT2E_BACKENDS,
-    "int4_weight": ("xnnpack",),
-}
-_PRECISION = {"fp16": "fp16", "int4_weight": "int4"}
+#: The registered methods (:mod:`~pqv_lightning.quantization.methods`), those that calibrate on images, and the
+#: backends of PT2E.
+METHODS: tuple[str, ...] = method_names()
+CALIBRATED_METHODS: tuple[str, ...] = tuple(m.name for m in list_methods() if m.calibrated)
+PT2E_BACKENDS: tuple[str, ...] = get_method("int8_pt2e").backends
 
 
 def installed_legacy_engines() -> list[str]:
@@ -53,12 +45,11 @@ class QuantizationTarget:
     backend: str = ""
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        backend = self.backend or _default_backend(self.method)
-        allowed = _BACKENDS[self.method]
-        if backend not in allowed:
-            raise invalid("backend", backend, f"{', '.join(allowed)} (for method {self.method!r})")
-        if self.method in ("int8_dynamic", "int8_static") and backend not in installed_legacy_engines():
+        method = get_method(self.method, "method")
+        backend = self.backend or method.default_backend()
+        if backend not in method.backends:
+            raise invalid("backend", backend, f"{', '.join(method.backends)} (for method {self.method!r})")
+        if method.engine and backend not in installed_legacy_engines():
             raise invalid(
                 "backend",
                 backend,
@@ -74,13 +65,15 @@ class QuantizationTarget:
         if ":" in text:
             method, _, backend = text.partition(":")
             return cls(method.strip(), backend.strip())
-        for method in sorted(METHODS, key=len, reverse=True):
+        for method in sorted(method_names(), key=len, reverse=True):
             if text == method:
                 return cls(method)
             if text.startswith(method + "_"):
                 return cls(method, text[len(method) + 1 :])
         raise invalid(
-            "target", spec, f"'method[:backend]' with method one of {', '.join(METHODS)} (see supported_targets())"
+            "target",
+            spec,
+            f"'method[:backend]' with method one of {', '.join(method_names())} (see supported_targets())",
         )
 
     @property
@@ -89,41 +82,35 @@ class QuantizationTarget:
         return self.method if self.backend == "none" else f"{self.method}_{self.backend}"
 
     @property
+    def spec(self):
+        """The registered :class:`~pqv_lightning.quantization.methods.QuantizationMethod` of this target."""
+        return get_method(self.method)
+
+    @property
     def precision(self) -> str:
-        return _PRECISION.get(self.method, "int8")
+        return self.spec.precision
 
     @property
     def engine(self) -> str | None:
         """The ``torch.backends.quantized`` engine the quantized module must run under, if any."""
-        return self.backend if self.method in ("int8_dynamic", "int8_static") else None
+        return self.backend if self.spec.engine else None
 
     @property
     def calibrated(self) -> bool:
         """Whether this target calibrates activation ranges on images."""
-        return self.method in CALIBRATED_METHODS
+        return self.spec.calibrated
 
     def __str__(self) -> str:
         return self.method if self.backend == "none" else f"{self.method}:{self.backend}"
 
 
-def _default_backend(method: str) -> str:
-    if method in ("int8_dynamic", "int8_static"):
-        installed = installed_legacy_engines()
-        return "x86" if "x86" in installed or not installed else installed[0]
-    return _BACKENDS[method][0]
-
-
 def supported_targets() -> list[str]:
     """Target specs (``parse``-able) that this installation can build."""
-    targets = ["fp16"]
-    for method in ("int8_dynamic", "int8_static"):
-        targets += [f"{method}:{engine}" for engine in installed_legacy_engines()]
-    has_torchao = importlib.util.find_spec("torchao") is not None
-    if has_torchao and importlib.util.find_spec("executorch") is not None:
-        targets.append("int8_pt2e:xnnpack")
-    if has_torchao:
-        targets += ["int8_pt2e:x86", "int4_weight:xnnpack"]
-    return targets
+    return [
+        method.name if backend == "none" else f"{method.name}:{backend}"
+        for method in list_methods()
+        for backend in method.installed_backends()
+    ]
 
 
 def parse_targets(targets: Sequence[str | QuantizationTarget], calibration_batches: int) -> list[QuantizationTarget]:
@@ -148,6 +135,6 @@ def parse_targets(targets: Sequence[str | QuantizationTarget], calibration_batch
             "calibration_batches",
             calibration_batches,
             f"an int >= 1, because {', '.join(calibrated)} calibrate activations on data (or use "
-            "int8_dynamic / fp16 / int4_weight)",
+            f"{' / '.join(m.name for m in list_methods() if not m.calibrated)})",
         )
     return parsed

@@ -48,7 +48,7 @@ def markdown_report(
         "- **Bold** rows are on the Pareto front of latency vs top-1: nothing else is both faster and at least "
         "as accurate.",
     ]
-    for key in ("pruning", "distillation", "quantization_aware_training", "weights", "attention", "note"):
+    for key in ("pruning", "tokens", "distillation", "quantization_aware_training", "weights", "attention", "note"):
         if meta.get(key):
             lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
     batch = next((p.batch for p in points if p.batch), None)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pqv_lightning.export.formats import list_formats
 from pqv_lightning.measure import OpTime
 from pqv_lightning.report.labels import place_labels
 from pqv_lightning.report.tradeoff import TradeoffPoint
@@ -28,14 +29,13 @@ __all__ = [
 ]
 
 PLOTS = ("accuracy_vs_latency", "size_vs_accuracy", "latency_per_backend", "operator_profile")
-_RUNTIME_COLORS = {
-    "eager": "#4c72b0",
-    "torchscript": "#dd8452",
-    "lite": "#937860",
-    "onnx": "#55a868",
-    "executorch": "#c44e52",
-    "aoti": "#8172b3",
-}
+
+
+def _runtime_colors() -> dict[str, str]:
+    """The colour of each runtime: the eager model's, and each registered format's own."""
+    return {"eager": "#4c72b0", **{f.name: f.color for f in list_formats()}}
+
+
 _NETWORK_MARKERS = {"dense": "s", "pruned": "o", "float": "o"}
 _MIB = 2**20
 
@@ -102,14 +102,21 @@ def plot_accuracy_vs_latency(points: Sequence[TradeoffPoint], subtitle: str = ""
     """
     fig, ax = new_figure()
     shown = [p for p in points if p.latency_ms is not None and p.top1 is not None]
-    for runtime, color in _RUNTIME_COLORS.items():
+    for runtime, color in _runtime_colors().items():
         for network, marker in _NETWORK_MARKERS.items():
             group = [p for p in shown if p.runtime == runtime and p.network == network]
             if group:
                 ax.scatter(
-                    [p.latency_ms for p in group], [p.top1 * 100 for p in group], color=color, marker=marker,
-                    s=46, label=f"{runtime} ({network})", edgecolors="black", linewidths=0.4, zorder=3,
-                )  # fmt: skip
+                    [p.latency_ms for p in group],
+                    [p.top1 * 100 for p in group],
+                    color=color,
+                    marker=marker,
+                    s=46,
+                    label=f"{runtime} ({network})",
+                    edgecolors="black",
+                    linewidths=0.4,
+                    zorder=3,
+                )
     front = sorted((p for p in shown if p.pareto), key=lambda p: p.latency_ms)
     _draw_front(ax, [(p.latency_ms, p.top1 * 100) for p in front], "Pareto front")
     ax.set_xscale("log")
@@ -132,13 +139,19 @@ def plot_size_vs_accuracy(points: Sequence[TradeoffPoint], subtitle: str = "") -
     (none smaller without losing accuracy) are joined by a line and named."""
     fig, ax = new_figure()
     shown = [p for p in points if p.size_bytes and p.top1 is not None and p.status == "ok"]
-    for runtime, color in _RUNTIME_COLORS.items():
+    for runtime, color in _runtime_colors().items():
         group = [p for p in shown if p.runtime == runtime]
         if group:
             ax.scatter(
-                [p.size_bytes / _MIB for p in group], [p.top1 * 100 for p in group], color=color, s=46,
-                label=runtime, edgecolors="black", linewidths=0.4, zorder=3,
-            )  # fmt: skip
+                [p.size_bytes / _MIB for p in group],
+                [p.top1 * 100 for p in group],
+                color=color,
+                s=46,
+                label=runtime,
+                edgecolors="black",
+                linewidths=0.4,
+                zorder=3,
+            )
     front = _smallest_for_accuracy(shown)
     _draw_front(ax, [(p.size_bytes / _MIB, p.top1 * 100) for p in front], "Pareto front (size)")
     ax.set_xlabel("file size (MiB)")
@@ -163,20 +176,23 @@ def plot_latency_per_backend(points: Sequence[TradeoffPoint], subtitle: str = ""
     fig, ax = new_figure(8.0, max(3.0, 0.32 * len(shown) + 1.5))
     y = range(len(shown))
     ax.barh(
-        list(y), [p.latency_ms for p in shown],
+        list(y),
+        [p.latency_ms for p in shown],
         xerr=[[0] * len(shown), [p.latency.p90_ms - p.latency_ms for p in shown]],
-        color=[_RUNTIME_COLORS.get(p.runtime, "grey") for p in shown], edgecolor="black", linewidth=0.4,
+        color=[_runtime_colors().get(p.runtime, "grey") for p in shown],
+        edgecolor="black",
+        linewidth=0.4,
         error_kw={"elinewidth": 0.8, "capsize": 2},
-    )  # fmt: skip
+    )
     ax.set_yticks(list(y), [f"{_label(p)} [{p.backend}]" for p in shown], fontsize=7)
     ax.set_xlabel("latency per image, batch 1 (ms): median, whisker to p90")
     ax.set_title("Latency per runtime and backend" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     from matplotlib.patches import Patch
 
-    runtimes = [r for r in _RUNTIME_COLORS if any(p.runtime == r for p in shown)]
+    runtimes = [r for r in _runtime_colors() if any(p.runtime == r for p in shown)]
     if runtimes:
-        ax.legend(handles=[Patch(color=_RUNTIME_COLORS[r], label=r) for r in runtimes], fontsize=7, loc="lower right")
+        ax.legend(handles=[Patch(color=_runtime_colors()[r], label=r) for r in runtimes], fontsize=7, loc="lower right")
     return fig
 
 

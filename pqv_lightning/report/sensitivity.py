@@ -71,12 +71,18 @@ def plot_sensitivity(analysis: SensitivityAnalysis, subtitle: str = "") -> Any:
     height = 0.38
     ax.barh([p + height / 2 for p in positions], drop, height, color="#c44e52", label="quantized alone")
     ax.barh([p - height / 2 for p in positions], kept, height, color="#4c72b0", label="alone in float")
-    ax.axvline(100 * (analysis.float_top1 - analysis.quantized["top1"]), color="#333333", linestyle="--", lw=1,
-               label="all quantized")  # fmt: skip
+    ax.axvline(
+        100 * (analysis.float_top1 - analysis.quantized["top1"]),
+        color="#333333",
+        linestyle="--",
+        lw=1,
+        label="all quantized",
+    )
     ax.set_yticks(positions, [u.unit for u in units], fontsize=7)
     ax.set_xlabel("top-1 drop vs float (points)")
-    ax.set_title(f"Quantization sensitivity: {analysis.target} per {analysis.granularity}\n{subtitle}".strip(),
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"Quantization sensitivity: {analysis.target} per {analysis.granularity}\n{subtitle}".strip(), fontsize=9
+    )
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return fig

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from pqv_lightning.export.formats import format_names, get_format
 from pqv_lightning.measure import (
-    FILE_KINDS,
     LatencyStats,
     interleaved_latency,
     make_runner,
@@ -26,6 +26,7 @@ from pqv_lightning.measure import (
     runtime_baseline_memory,
 )
 from pqv_lightning.utils.checks import check_int
+from pqv_lightning.utils.progress import Progress
 
 if TYPE_CHECKING:
     from pqv_lightning.export import ArtifactRecord
@@ -137,6 +138,7 @@ def measure_tradeoffs(
     runs: int = 50,
     batch: int | None = 16,
     memory: bool = True,
+    progress: Progress | None = None,
 ) -> list[TradeoffPoint]:
     """Measure every eager variant and every ``"ok"`` exported file, all with ``threads`` threads.
 
@@ -146,7 +148,9 @@ def measure_tradeoffs(
     of a fresh process loading and running each file (eager variants live in this process: none).
     ``networks`` maps a network name (``"dense"``, ``"pruned"``) to its float module, for parameters and
     MACs; exported files belong to ``files_network``. Failed or skipped records become rows with their reason.
+    ``progress`` gets a step per measurement: batch-1 latency, batch latency, and each file's memory.
     """
+    progress = progress or Progress.silent()
     check_int("batch", batch, 2, allow_none=True, accepted="None or an int >= 2 (batch 1 is always measured)")
     x = example_input[:1].detach().float().contiguous()
     counts = {name: _count(module, x) for name, module in (networks or {}).items()}
@@ -156,9 +160,17 @@ def measure_tradeoffs(
     for v in eager:
         macs, params = counts.get(v.network, (None, None))
         point = TradeoffPoint(
-            v.name, v.network, "eager", v.precision, v.backend, params=params, macs=macs,
-            top1=v.top1, top5=v.top5, agreement=v.agreement,
-        )  # fmt: skip
+            v.name,
+            v.network,
+            "eager",
+            v.precision,
+            v.backend,
+            params=params,
+            macs=macs,
+            top1=v.top1,
+            top5=v.top5,
+            agreement=v.agreement,
+        )
         runners[len(points)] = make_runner(v.module, "eager", x, threads)
         eager_modules[len(points)] = v.module
         points.append(point)
@@ -166,11 +178,22 @@ def measure_tradeoffs(
     for rec in records:
         macs, params = counts.get(files_network, (None, None))
         point = TradeoffPoint(
-            rec.name, files_network, rec.format, rec.precision, rec.backend, status=rec.status, reason=rec.reason,
-            path=rec.path, params=params, macs=macs, size_bytes=rec.size_bytes, top1=rec.val_top1,
-            top5=rec.val_top5, agreement=rec.top1_agreement,
-        )  # fmt: skip
-        if rec.status == "ok" and rec.format in FILE_KINDS and rec.path:
+            rec.name,
+            files_network,
+            rec.format,
+            rec.precision,
+            rec.backend,
+            status=rec.status,
+            reason=rec.reason,
+            path=rec.path,
+            params=params,
+            macs=macs,
+            size_bytes=rec.size_bytes,
+            top1=rec.val_top1,
+            top5=rec.val_top5,
+            agreement=rec.top1_agreement,
+        )
+        if rec.status == "ok" and rec.format in format_names() and rec.path:
             if list(rec.input_shape[1:]) != list(x.shape[1:]) or rec.input_shape[0] != 1:
                 point.reason = f"exported for input {rec.input_shape}, not measured at batch 1"
             else:
@@ -181,13 +204,14 @@ def measure_tradeoffs(
     stats = interleaved_latency(runners, warmup, runs) if runners else {}
     for i, lat in stats.items():
         points[i].latency = lat
+    progress.step("latency at batch 1", f"{len(stats)} variants, {runs} rounds")
 
     if batch is not None:
         xb = _batched(x, batch)
         batch_runners: dict[int, Any] = {}
         for i in runners:
             point = points[i]
-            if point.runtime in ("executorch", "aoti"):
+            if point.runtime in format_names() and get_format(point.runtime).fixed_shape:
                 point.batch_note = "fixed-shape program (exported at batch 1)"
                 continue
             source = eager_modules[i] if i in eager_modules else files[i].path
@@ -205,27 +229,34 @@ def measure_tradeoffs(
         )
         for i, lat in batch_stats.items():
             points[i].batch, points[i].batch_latency = batch, lat
+        progress.step(f"latency at batch {batch}", f"{len(batch_stats)} variants")
     del runners
 
     if memory:
-        _measure_memory(points, files, threads)
+        _measure_memory(points, files, threads, progress)
     for point, on_front in zip(points, pareto_front(points), strict=True):
         point.pareto = on_front
     return points
 
 
-def _measure_memory(points: list[TradeoffPoint], files: dict[int, ArtifactRecord], threads: int) -> None:
+def _measure_memory(
+    points: list[TradeoffPoint], files: dict[int, ArtifactRecord], threads: int, progress: Progress
+) -> None:
     """Peak RSS of every file and of each runtime's bare process, one fresh process each. Their peaks do not
     depend on each other, so as many run at once as there are cores (each at ``threads`` threads): latency was
     timed before, on a quiet machine."""
     baselines = {rec.format: rec.input_shape for rec in files.values()}
     with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // threads)) as pool:
         bare = {kind: pool.submit(runtime_baseline_memory, kind, shape, threads) for kind, shape in baselines.items()}
-        peaks = {i: pool.submit(peak_memory, rec.path, rec.format, rec.input_shape, threads, 3, rec.engine)
-                 for i, rec in files.items()}  # fmt: skip
+        peaks = {
+            i: pool.submit(peak_memory, rec.path, rec.format, rec.input_shape, threads, 3, rec.engine)
+            for i, rec in files.items()
+        }
         for i, rec in files.items():
             try:
                 points[i].runtime_rss_bytes = bare[rec.format].result()
                 points[i].peak_rss_bytes = peaks[i].result()
+                progress.step(f"memory of {rec.name}", f"peak {points[i].peak_rss_bytes / 2**20:.0f} MiB")
             except Exception as err:
                 points[i].extra["memory_error"] = f"{type(err).__name__}: {err}"[:300]
+                progress.step(f"memory of {rec.name}", "failed")

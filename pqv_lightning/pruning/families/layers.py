@@ -435,8 +435,9 @@ class SeparateQKVAttention(HeadAttention):
         return self.dims(module)[1]
 
 
-def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def attend(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """timm's two attention paths, as its blocks write them: SDPA (default scale) when ``module.fused_attn``, else
     ``softmax(q * scale @ k^T + bias) @ v`` with ``module.attn_drop``."""
     if getattr(module, "fused_attn", False):

@@ -15,22 +15,25 @@ again on the CPU you deploy to. ``torch`` (eager / TorchScript fp32) was not mea
 
 from __future__ import annotations
 
+from pqv_lightning.export.formats import format_names, get_format, list_formats
 from pqv_lightning.utils.checks import invalid
 
 __all__ = ["KERNEL_MULTIPLE", "KERNEL_OF", "kernel_multiple", "resolve_round_to"]
 
-#: The kernel library behind each artifact format (the part of a latency target before ``-``).
-KERNEL_OF = {"executorch": "xnnpack", "onnx": "onnxruntime", "aoti": "onednn", "torchscript": "torch", "eager": "torch"}
-#: The measured preferred output-channel multiple of each kernel library (``benchmarks/width_tiles.py``).
-KERNEL_MULTIPLE = {"xnnpack": 4, "onnxruntime": 8, "onednn": 4, "torch": 4}
+#: The kernel library behind each artifact kind and the output-channel multiple it prefers, as each registered
+#: format declares them (measured by ``benchmarks/width_tiles.py``); the eager model runs torch's kernels.
+KERNEL_OF = {"eager": "torch", **{f.name: f.kernel for f in list_formats()}}
+KERNEL_MULTIPLE = {"torch": 4, **{f.kernel: f.kernel_multiple for f in list_formats()}}
 
 
 def kernel_multiple(artifact: str) -> int:
     """The channel multiple that the kernels of ``artifact`` (a latency target kind) run fastest."""
     fmt = artifact.split("-", 1)[0] if isinstance(artifact, str) else None
-    if fmt not in KERNEL_OF:
-        raise invalid("latency_target", artifact, f"an artifact kind of one of {', '.join(KERNEL_OF)}")
-    return KERNEL_MULTIPLE[KERNEL_OF[fmt]]
+    if fmt == "eager":
+        return KERNEL_MULTIPLE["torch"]
+    if fmt not in format_names():
+        raise invalid("latency_target", artifact, f"an artifact kind of one of eager, {', '.join(format_names())}")
+    return get_format(fmt).kernel_multiple
 
 
 def resolve_round_to(round_to: int | str | None, artifact: str) -> int | None:
