@@ -58,7 +58,7 @@ def test_package_names_load_on_first_use() -> None:
         "import sys, pqv_lightning, pqv_lightning.export as ex\n"
         "assert not {'torch', 'lightning'} & set(sys.modules), sorted({'torch', 'lightning'} & set(sys.modules))\n"
         "assert set(ex.__all__) <= set(dir(ex)) and 'ViTClassifier' in dir(pqv_lightning)\n"
-        "assert ex.FORMATS == ('torchscript', 'lite', 'executorch', 'onnx', 'aoti')\n"
+        "assert ex.FORMATS == ('torchscript', 'lite', 'executorch', 'onnx', 'aoti', 'openvino')\n"
         "assert 'torch' not in sys.modules\n"
         "from pqv_lightning import ViTClassifier, __version__\n"
         "assert ViTClassifier.__name__ == 'ViTClassifier' and __version__\n"

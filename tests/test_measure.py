@@ -49,6 +49,7 @@ def records(model, tmp_path_factory):
             "executorch": ["fp32"],
             "onnx": ["fp32"],
             "aoti": ["fp32"],
+            "openvino": ["fp32"],
         },
         x,
         val,
@@ -120,6 +121,7 @@ def test_runners_of_every_kind_match_eager(model, records):
         "onnx": records["onnx-fp32"].path,
         "executorch": records["executorch-fp32"].path,
         "aoti": records["aoti-fp32"].path,
+        "openvino": records["openvino-fp32"].path,
     }
     assert set(artifacts) == set(KINDS)
     for kind, artifact in artifacts.items():

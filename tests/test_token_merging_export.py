@@ -4,6 +4,7 @@ runtime against the eager reducing model; the ``.pte`` delegates everything but 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import timm
@@ -209,3 +210,14 @@ def test_aoti_packages_of_the_reducing_model(tmp_path):
     _, by_name = _export("deit_distilled_merge", tmp_path, {"aoti": ["fp32", "int8"]})
     assert by_name["aoti-fp32"].max_abs_logit_diff < 1e-4
     assert by_name["aoti-int8"].extra["int8_kernels"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+    reason="the openvino extra is not installed",
+)
+@pytest.mark.parametrize("name", ["deit_distilled_merge", "deit_distilled_prune"])
+def test_openvino_irs_of_the_reducing_model(name, tmp_path):
+    _, by_name = _export(name, tmp_path, {"openvino": ["fp32", "int8"]})
+    assert by_name["openvino-fp32"].max_abs_logit_diff < 1e-4

@@ -446,6 +446,15 @@ register_format(ExportFormat(
     default=False, fixed_shape=True, kernel="onednn", kernel_multiple=4, color="#8172b3",
 ))  # fmt: skip
 
+register_format(ExportFormat(
+    name="openvino", suffix=".xml", module="pqv_lightning.export.openvino", companions=(".bin",),
+    precisions=("fp32", "int8"), default_precisions=("fp32", "int8"),
+    description="OpenVINO IR (.xml + .bin) for the OpenVINO CPU plugin (x86 edge): int8 by NNCF post-training "
+    "quantization (calibrated); needs the openvino extra",
+    calibrated=("int8",), default=False, fixed_shape=True, kernel="onednn", kernel_multiple=4, color="#64b5cd",
+    optional="openvino",
+))  # fmt: skip
+
 #: The registered format names, and those exported when none is named (at import time; see :func:`format_names`).
 FORMATS = format_names()
 DEFAULT_FORMATS = format_names(default_only=True)
