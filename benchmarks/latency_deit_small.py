@@ -4,8 +4,9 @@ Run: ``python benchmarks/latency_deit_small.py [--threads 2] [--runs 144] [--rou
 [--warmup 5] [--skip-pruned] [--repeat] [--ort-spinning on|off] [--quick] [--tokens 0 8 13 16]``.
 
 ``--quick`` (about 8 minutes on 2 cores instead of about 30): only the files that can be the fastest of their kind
-(INT8 ExecuTorch static and dynamic, ONNX INT8, AOTInductor INT8 and FP32) beside the peers, verified on 32 images,
-timed in 8 rounds over 2 processes per variant; the ratios it prints are the full run's, with more spread.
+(INT8 ExecuTorch static and dynamic, ONNX INT8, AOTInductor INT8 and FP32, OpenVINO INT8 IR where the extra is
+installed) beside the peers, verified on 32 images, timed in 8 rounds over 2 processes per variant; the ratios it
+prints are the full run's, with more spread.
 
 Every variant is loaded in its own Python process (only its runtime imported, threads fixed) and timed in
 ``--rounds`` short alternating rounds (the starting variant rotates; idle workers block, using no CPU), so that
@@ -85,6 +86,9 @@ PEERS = (PQV, ORT_INT8, OPENVINO)
 FULL = {"torchscript": ["fp32", "quantized"], "executorch": ["fp32", "int8", "int8_dynamic", "int4"],
         "onnx": ["fp32", "int8", "int8_qdq"], "aoti": ["fp32", "int8"]}  # fmt: skip
 QUICK = {"executorch": ["int8", "int8_dynamic"], "onnx": ["int8"], "aoti": ["fp32", "int8"]}
+if openvino_missing() is None:  # our OpenVINO IRs (the openvino extra), timed like the OpenVINO peer
+    FULL = {**FULL, "openvino": ["fp32", "int8"]}
+    QUICK = {**QUICK, "openvino": ["int8"]}
 #: The files of each token-merging copy (``--tokens``): the INT8 candidates for the fastest, as in ``--quick``.
 MERGED = {"executorch": ["int8", "int8_dynamic"], "onnx": ["int8"], "aoti": ["int8"]}
 #: ExecuTorch's portable kernels (what runs outside the XNNPACK delegates) in an ETDump operator profile.
