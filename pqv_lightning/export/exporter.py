@@ -21,11 +21,10 @@ from torch import Tensor, nn
 from pqv_lightning.export.formats import (
     ExportFormat,
     artifacts_from_arguments,
+    check_model_requests,
     float_layer_files,
-    iter_requests,
     list_formats,
     needs_calibration,
-    option_names,
     resolve_artifacts,
     resolve_options,
 )
@@ -148,10 +147,7 @@ def export_artifacts(
         quantized=[q for q in quantized if q.origin != "qat"],
         trained=[q for q in quantized if q.origin == "qat"],
     )
-    for fmt, precisions in iter_requests(requested):
-        check = getattr(fmt.implementation(), "check_model", None)
-        if check is not None:
-            check(model, precisions, resolved_options[fmt.name], option_names("options", fmt.name))
+    check_model_requests(model, requested, resolved_options)
     out = check_output_dir(out_dir)
     thresholds = thresholds or VerifyThresholds()
     example_input = example_input.detach().float().cpu().contiguous()

@@ -45,6 +45,7 @@ __all__ = [
     "FormatOption",
     "LoadedArtifact",
     "artifacts_from_arguments",
+    "check_model_requests",
     "float_layer_files",
     "format_names",
     "format_of",
@@ -249,11 +250,30 @@ def resolve_options(
     for fmt_name in dict.fromkeys([*artifacts, *options]):  # options of a format not exported are kept (checked)
         given = options.get(fmt_name, {})
         resolved[fmt_name] = {o.name: given.get(o.name, o.default) for o in get_format(fmt_name).options}
+    _check_requests(artifacts, resolved, name)
+    return resolved
+
+
+def _check_requests(
+    artifacts: Mapping[str, Sequence[str]], options: Mapping[str, Mapping[str, Any]], name: str | None
+) -> None:
+    """Each format's ``check_request`` on its precisions and (complete) options; messages name the options as
+    :func:`option_names` does under ``name``."""
     for fmt_name, precisions in artifacts.items():
         check = getattr(get_format(fmt_name).implementation(), "check_request", None)
         if check is not None and precisions:
-            check(tuple(precisions), resolved[fmt_name], option_names(name, fmt_name))
-    return resolved
+            check(tuple(precisions), options[fmt_name], option_names(name, fmt_name))
+
+
+def check_model_requests(
+    model: Any, artifacts: Mapping[str, Sequence[str]], options: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Each requested format's ``check_model``: refuse, before any work, a model a format cannot write with its
+    ``options`` (resolved, :func:`resolve_options`), e.g. fp16 attention in a model without attention blocks."""
+    for fmt, precisions in iter_requests(artifacts):
+        check = getattr(fmt.implementation(), "check_model", None)
+        if check is not None:
+            check(model, precisions, options[fmt.name], option_names("options", fmt.name))
 
 
 def option_names(name: str, fmt: str) -> Callable[[str], str]:
@@ -335,13 +355,11 @@ def artifacts_from_arguments(
         if option is not None:
             get_format(fmt_name).option(option).check(value, key)
             new_options.setdefault(fmt_name, {})[option] = value
-    for fmt_name, precisions in new_artifacts.items():  # cross-checks under the keys the caller wrote
-        check = getattr(get_format(fmt_name).implementation(), "check_request", None)
-        if check is not None and precisions:
-            values = {
-                o.name: new_options.get(fmt_name, {}).get(o.name, o.default) for o in get_format(fmt_name).options
-            }
-            check(tuple(precisions), values, option_names(None, fmt_name))
+    filled = {  # cross-checks under the keys the caller wrote
+        fmt_name: {o.name: new_options.get(fmt_name, {}).get(o.name, o.default) for o in get_format(fmt_name).options}
+        for fmt_name in new_artifacts
+    }
+    _check_requests(new_artifacts, filled, None)
     shown_artifacts = {k: list(v) for k, v in new_artifacts.items()}
     shown = f"artifacts={shown_artifacts}" + (f", options={new_options}" if new_options else "")
     warnings.warn(

@@ -16,9 +16,9 @@ from pqv_lightning.checkpoint import current_structure
 from pqv_lightning.export import ArtifactRecord, export_artifacts, write_manifest
 from pqv_lightning.export.formats import (
     artifacts_from_arguments,
+    check_model_requests,
     float_layer_files,
     get_format,
-    iter_requests,
     legacy_artifact_parameters,
     needs_calibration,
     resolve_artifacts,
@@ -132,14 +132,7 @@ class ExportConfig:
         """Raise before any work when a float layer matches nothing in ``model``, or a format refuses the model
         with its options (e.g. fp16 attention without attention blocks)."""
         resolve_float_layers(model, self.float_layers, "int8_pt2e")
-        for fmt, precisions in iter_requests(self.artifacts):
-            check = getattr(fmt.implementation(), "check_model", None)
-            if check is not None:
-                check(model, precisions, self.options[fmt.name], _option_name(fmt.name))
-
-
-def _option_name(fmt: str):
-    return lambda option: f"options[{fmt!r}][{option!r}]"
+        check_model_requests(model, self.artifacts, self.options)
 
 
 @dataclass
