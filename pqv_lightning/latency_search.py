@@ -19,7 +19,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -96,30 +96,39 @@ class LatencyTarget:
         return f"{self.artifact} at {self.threads} thread{'s' * (self.threads != 1)}"
 
 
+class _StoredSearch:
+    """Plain data for a search's outcome whose first field is its knob (``ratio``, ``r``; of type ``knob_type``),
+    then ``latency_ms``, ``target`` and ``trials`` (knob -> ms): what checkpoints keep and rank 0 broadcasts."""
+
+    knob_type: ClassVar[type] = float
+
+    def as_dict(self) -> dict:
+        """Plain data (JSON and checkpoint safe): the target, the choice, the trials as ``[knob, ms]`` pairs."""
+        knob = fields(self)[0].name
+        return {
+            **asdict(self.target),
+            knob: getattr(self, knob),
+            "latency_ms": self.latency_ms,
+            "trials": [[k, ms] for k, ms in sorted(self.trials.items())],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict):
+        """The search :meth:`as_dict` wrote (a checkpoint's state, a rank-0 broadcast)."""
+        knob, cast = fields(cls)[0].name, cls.knob_type
+        # a key missing from an older checkpoint's search takes its default
+        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget) if f.name in doc})
+        return cls(cast(doc[knob]), doc["latency_ms"], target, {cast(k): float(ms) for k, ms in doc["trials"]})
+
+
 @dataclass
-class LatencySearch:
+class LatencySearch(_StoredSearch):
     """The outcome: the ``ratio`` chosen, its measured ``latency_ms``, and every trial (ratio -> ms)."""
 
     ratio: float
     latency_ms: float
     target: LatencyTarget
     trials: dict[float, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        """Plain data (JSON and checkpoint safe): the target, the choice, the trials as ``[ratio, ms]`` pairs."""
-        return {
-            **asdict(self.target),
-            "ratio": self.ratio,
-            "latency_ms": self.latency_ms,
-            "trials": [[r, ms] for r, ms in sorted(self.trials.items())],
-        }
-
-    @classmethod
-    def from_dict(cls, doc: dict) -> LatencySearch:
-        """The search :meth:`as_dict` wrote (a checkpoint's state, a rank-0 broadcast)."""
-        # a key missing from an older checkpoint's search takes its default
-        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget) if f.name in doc})
-        return cls(doc["ratio"], doc["latency_ms"], target, trials_of(doc["trials"]))
 
 
 def trials_of(pairs: Sequence[Sequence[float]]) -> dict[float, float]:
@@ -300,23 +309,15 @@ def _bisect(
 
 
 @dataclass
-class TokenSearch:
+class TokenSearch(_StoredSearch):
     """The outcome of :func:`search_tokens`: the ``r`` chosen, its measured ``latency_ms``, every trial (r -> ms)."""
+
+    knob_type: ClassVar[type] = int
 
     r: int
     latency_ms: float
     target: LatencyTarget
     trials: dict[int, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        """Plain data (JSON and checkpoint safe): the target, the choice, the trials as ``[r, ms]`` pairs."""
-        return {**asdict(self.target), "r": self.r, "latency_ms": self.latency_ms,
-                "trials": [[r, ms] for r, ms in sorted(self.trials.items())]}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, doc: dict) -> TokenSearch:
-        target = LatencyTarget(**{f.name: doc[f.name] for f in fields(LatencyTarget) if f.name in doc})
-        return cls(int(doc["r"]), doc["latency_ms"], target, {int(r): float(ms) for r, ms in doc["trials"]})
 
 
 def largest_r(model: nn.Module) -> int:
