@@ -37,9 +37,10 @@ from pqv_lightning.quantization import (
     quantization_state,
     resolve_float_layers,
     set_observers,
+    smooth_outliers,
 )
 from pqv_lightning.utils.batches import images_of
-from pqv_lightning.utils.checks import check_identifier, check_int, invalid
+from pqv_lightning.utils.checks import check_bool, check_identifier, check_int, invalid
 
 __all__ = ["QAT_KEY", "QATResult", "QuantizationAwareTraining"]
 
@@ -83,6 +84,9 @@ class QuantizationAwareTraining(Callback):
             pruning or gates callback changes the model).
         float_layers: names or globs of layers or blocks trained and kept in float.
         group_size: INT4 weight group (input channels), used when every layer width is a multiple of it.
+        smoothing: smooth activation outliers into the weights just before fake quantization starts
+            (:func:`~pqv_lightning.quantization.smooth_outliers` on that first batch, decided on rank 0 and
+            broadcast): the same float function, a better starting point for the fake-quantized ranges.
         model_attribute: attribute of the LightningModule holding the timm model.
     """
 
@@ -93,8 +97,10 @@ class QuantizationAwareTraining(Callback):
         float_layers: list[str] | tuple[str, ...] = (),
         group_size: int = 32,
         model_attribute: str = "model",
+        smoothing: bool = False,
     ) -> None:
         super().__init__()
+        self.smoothing = check_bool("smoothing", smoothing)
         self.target = check_qat_target(target)
         self.start_epoch = check_int("start_epoch", start_epoch, 0)
         if isinstance(float_layers, str):
@@ -172,6 +178,8 @@ class QuantizationAwareTraining(Callback):
         if self.active or trainer.current_epoch < self.start_epoch:
             return
         example = images_of(batch)
+        if self.smoothing:
+            self._smooth(trainer, pl_module, example)
         self._start(trainer, pl_module, list(example.shape))
         set_observers(getattr(pl_module, self.model_attribute), True)
 
@@ -236,6 +244,7 @@ class QuantizationAwareTraining(Callback):
             "start_epoch": self.start_epoch,
             "float_layers": list(self.float_layers),
             "group_size": self.group_size,
+            "smoothing": self.smoothing,
             "active": self.active,
         }
 
@@ -264,6 +273,21 @@ class QuantizationAwareTraining(Callback):
                 "the checkpoint was trained with (resume with the settings of the original run)",
             )
         self._prepare(pl_module, recipe["example_shape"], int(recipe.get("group_size", self.group_size)))
+
+    def _smooth(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: torch.Tensor) -> None:
+        """Smooth the training model in place (the same function), decided on rank 0 and the same on every rank."""
+        model = getattr(pl_module, self.model_attribute)
+        state = None
+        if trainer.is_global_zero:
+            result = smooth_outliers(model, [images])
+            state = {k: v for k, v in result.model.state_dict().items()}
+            rank_zero_info(f"QuantizationAwareTraining: smoothing: {result.summary()}")
+        if trainer.world_size > 1:
+            state = trainer.strategy.broadcast(state, src=0)
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.copy_(state[name].to(tensor.device, tensor.dtype))
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, example_shape: list[int]) -> None:
         names_before = {id(p): name for name, p in pl_module.named_parameters()}

@@ -31,6 +31,15 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
     measures and reports the analysis for more targets (console, TensorBoard text and figure, the report). A
     :class:`QuantizationAwareTraining` variant is evaluated here beside the post-training ones.
 
+    ``smoothing=True`` moves activation outliers into the weights before anything is quantized (exact in float; the
+    strength chosen per layer on the calibration batches, see :func:`pqv_lightning.quantization.smooth_outliers`):
+    the variants and every file :class:`MobileExport` writes are built from the smoothed model, and the manifest
+    and report say which layers were smoothed. It keeps every layer integer, where float layers give up speed.
+    ``rounding="gptq"`` rounds the linear weights of the variants by GPTQ and ``bias_correction=True`` corrects their
+    biases (:func:`pqv_lightning.quantization.round_weights`; on the calibration batches). With a ``max_drop``
+    budget, ``integer_first=True`` takes the cheapest of plain, smoothing, smoothing + GPTQ + bias correction that
+    keeps every layer integer within the budget, and chooses float layers only when none does.
+
     Works on any LightningModule that exposes its timm model as ``model`` (or ``model_attribute``).
 
     Raises:
@@ -58,6 +67,10 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         max_drop: float | None = None,
         sensitivity: Sequence[str] = (),
         granularity: str = "layer",
+        smoothing: bool = False,
+        rounding: str = "nearest",
+        bias_correction: bool = False,
+        integer_first: bool = False,
     ) -> None:
         config = QuantizationConfig(
             targets=tuple(targets),
@@ -69,6 +82,10 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
             max_drop=max_drop,
             sensitivity=tuple(sensitivity),
             granularity=granularity,
+            smoothing=smoothing,
+            rounding=rounding,
+            bias_correction=bias_correction,
+            integer_first=integer_first,
         )
         super().__init__(config, model_attribute, on_failure, weights)
 
@@ -98,6 +115,10 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
             return
         table = results_table(result.float_metrics, result.quantization)
         images = "all" if self.config.eval_batches is None else f"{self.config.eval_batches} batches of"
+        if result.recipe is not None:
+            rank_zero_info(f"Quantization: recipe taken (integer_first): {result.recipe}")
+        if result.smoothing is not None:
+            rank_zero_info(f"Quantization: smoothing: {result.smoothing.summary()}")
         rank_zero_info(f"Quantization: accuracy on {images} the validation data\n{table}")
         for r in result.quantization:
             if r.error is not None:
@@ -108,7 +129,7 @@ class Quantization(FitEndCallback, config=QuantizationConfig, stage="quantizatio
         for r in result.quantization:
             if r.quantized is not None:
                 metrics[f"quantization/{r.name}/float_layers"] = float(len(r.float_layers))
-        tables = {f"quantization/sensitivity/{a.target.name}_{a.granularity}": a for a in result.sensitivity}
+        tables = {f"quantization/sensitivity/{a.key}": a for a in result.sensitivity}
         for analysis in tables.values():
             rank_zero_info(f"Quantization: {sensitivity_table(analysis)}")
         for logger in trainer.loggers:

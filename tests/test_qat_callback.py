@@ -151,6 +151,36 @@ def test_int4_qat_on_a_foreign_module_with_float_layers(tmp_path, tiny_vit_kwarg
     assert record.extra["float_layers"] == ["head"]
 
 
+class _Before(pl.Callback):
+    """Listed before the QAT callback: the float model's logits on the first QAT batch, before any smoothing."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.images, self.logits, self.weight = epoch, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            self.images = batch[0].detach().clone()
+            pl_module.model.eval()
+            with torch.no_grad():
+                self.logits = pl_module.model(self.images)
+            pl_module.model.train()
+            self.weight = pl_module.model.blocks[0].attn.proj.weight.detach().clone()
+
+
+def test_qat_can_start_from_the_smoothed_model(tmp_path, trained_classifier):
+    before = _Before(epoch=1)
+    qat = QuantizationAwareTraining("int8_pt2e:xnnpack", start_epoch=1, smoothing=True)
+    _trainer([before, qat], tmp_path, epochs=2).fit(trained_classifier(), _digits())
+    assert qat.state_dict()["smoothing"] is True and qat.result is not None
+    template = qat._template.eval()  # the float model the fake quantization started from
+    assert not torch.allclose(template.blocks[0].attn.proj.weight, before.weight)  # smoothed
+    with torch.no_grad():  # ... and the same function as the model just before
+        after = template(before.images)
+    assert torch.allclose(after, before.logits, atol=1e-4 * float(before.logits.abs().max()))
+    with pytest.raises(ValueError, match="smoothing"):
+        QuantizationAwareTraining(smoothing="yes")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

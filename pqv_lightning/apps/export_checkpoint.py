@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantization targets 'method[:backend]', e.g. int8_dynamic:x86 int8_static:qnnpack fp16 "
         "int8_pt2e:xnnpack int4_weight (space or comma separated)",
     )
+    parser.add_argument(
+        "--smoothing",
+        action="store_true",
+        help="move activation outliers into the weights before quantizing (exact in float; needs --quantize): the "
+        "variants and every exported file are built from the smoothed model",
+    )
     formats = "; ".join(
         f"{f.name}: {', '.join(f.precisions)} (default {','.join(f.default_precisions)})" for f in list_formats()
     )
@@ -196,9 +202,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             calibration_split=args.calibration_split,
         )
         quantization = None
+        if args.smoothing and not args.quantize:
+            raise ValueError("--smoothing needs --quantize TARGET ... (smoothing is part of the quantization stage)")
         if args.quantize:
             quantization = QuantizationConfig(
-                tuple(_split_list(args.quantize)), args.calibration_batches, args.calibration_split, args.val_batches
+                tuple(_split_list(args.quantize)),
+                args.calibration_batches,
+                args.calibration_split,
+                args.val_batches,
+                smoothing=args.smoothing,
             )
         checkpoint = Path(args.checkpoint)
         out_dir = check_output_dir(args.output_dir or checkpoint.with_name(f"{checkpoint.stem}_export"))

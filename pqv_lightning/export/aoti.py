@@ -162,7 +162,7 @@ def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
     for precision in job.artifacts.get("aoti", ()):
         build = functools.partial(
             _build,
-            model=model,
+            model=job.model_for("aoti", precision, model),
             example=writer.example_input,
             precision=precision,
             calibration=job.calibration,

@@ -102,7 +102,9 @@ def write(writer: ArtifactWriter, model: nn.Module, job: ExportJob) -> None:
     quantization-aware-trained variant ExecuTorch lowers as it is (the others recorded as skipped)."""
     precisions = job.artifacts.get("executorch", ())
     keep = {p: job.keep("executorch", p) for p in precisions}
-    write_executorch(writer, model, precisions, job.calibration, keep, job.options["executorch"]["attention"])
+    sources = {p: job.model_for("executorch", p, model) for p in precisions}
+    attention = job.options["executorch"]["attention"]
+    write_executorch(writer, model, precisions, job.calibration, keep, attention, sources)
     for variant in job.trained:
         if not qat_lowerable(variant):
             writer.record(
@@ -318,9 +320,11 @@ def write_executorch(
     calibration: Sequence[Tensor] | None,
     float_layers: dict[str, Sequence[str]] | None = None,
     attention: str = "fp32",
+    sources: dict[str, nn.Module] | None = None,
 ) -> None:
     """Write and verify one ``.pte`` per precision (``int8_dynamic`` is recorded as precision ``int8``);
-    ``float_layers[precision]`` stay in float (recorded in the file's ``extra["float_layers"]``).
+    ``float_layers[precision]`` stay in float (recorded in the file's ``extra["float_layers"]``); ``sources[precision]``
+    is the float model that file is quantized from where it is not ``model`` (rounded weights).
 
     With ``attention="fp16"`` every file's attention products run in fp16 (``export_pte``). This machine's XNNPACK
     may run them in fp32 (no fp16 arithmetic), so each record also holds ``extra["attention_eager"]``: how the float
@@ -333,7 +337,7 @@ def write_executorch(
 
         def build(path: Path, extra: dict, precision: str = precision, keep: tuple[str, ...] = keep) -> None:
             result = export_pte(
-                model,
+                (sources or {}).get(precision, model),
                 writer.example_input,
                 precision=precision,
                 calibration=calibration,

@@ -97,6 +97,7 @@ def export_artifacts(
     prefix: str = "model_",
     on_record: Callable[[list[ArtifactRecord]], None] | None = None,
     float_layers: Sequence[str] | Mapping[str, Sequence[str]] = (),
+    weights: Mapping[str, nn.Module] | None = None,
     **legacy: Any,
 ) -> list[ArtifactRecord]:
     """Export ``model`` (and the ``quantized`` variants a format takes) as ``artifacts`` and verify each file.
@@ -114,6 +115,8 @@ def export_artifacts(
     ``calibration`` calibrates the precisions that need it; ``float_layers`` (a list for every quantized file, or
     ``{"<format>-<precision>": layers}``) stay in float. ``on_record(records)`` is called with the records so far
     each time one is final (verified, failed or skipped), e.g. to rewrite the manifest as the export goes.
+    ``weights`` (``{"<format>-<precision>": float model}``) are the models quantized files are built from instead of
+    ``model`` (weights rounded for the file's grid); every file is still verified against ``model``.
 
     The keyword arguments of 0.1 (``executorch_precisions=...``, ``onnx_optimize=...``, ...) still work, with a
     deprecation warning that names the new form.
@@ -146,6 +149,7 @@ def export_artifacts(
         float_layers=_check_float_layers(model, float_layers),
         quantized=[q for q in quantized if q.origin != "qat"],
         trained=[q for q in quantized if q.origin == "qat"],
+        weights=dict(weights or {}),
     )
     check_model_requests(model, requested, resolved_options)
     out = check_output_dir(out_dir)

@@ -96,6 +96,9 @@ class ExportFormat:
         float_layers: ``{precision: quantization target}``: the quantized files that can keep layers in float, and
             the :class:`~pqv_lightning.callbacks.Quantization` target whose chosen float layers they keep when the
             export names none.
+        weight_grids: ``{precision: quantization target}``: the quantized files whose quantizer derives that target's
+            weight grid, so that weights rounded for it (``Quantization(rounding="gptq")``, bias correction) reach
+            the file as they are (:data:`pqv_lightning.quantization.GRIDS`).
         from_variants: precisions that are the :class:`~pqv_lightning.callbacks.Quantization` stage's variants
             rather than made by the format (none can be a latency target).
         options: the format's settings.
@@ -118,6 +121,7 @@ class ExportFormat:
     description: str
     calibrated: tuple[str, ...] = ()
     float_layers: Mapping[str, str] = field(default_factory=dict)
+    weight_grids: Mapping[str, str] = field(default_factory=dict)
     from_variants: tuple[str, ...] = ()
     options: tuple[FormatOption, ...] = ()
     default: bool = True
@@ -438,6 +442,7 @@ register_format(ExportFormat(
     "activations, int4 weights",
     calibrated=("int8",),
     float_layers={"int8": "int8_pt2e:xnnpack", "int8_dynamic": "int8_pt2e:xnnpack", "int4": "int4_weight"},
+    weight_grids={"int8": "int8_pt2e:xnnpack", "int8_dynamic": "int8_pt2e:xnnpack", "int4": "int4_weight:xnnpack"},
     options=(FormatOption("attention", ("fp32", "fp16"), "the dtype of the attention products and softmax "
                           "(fp16: native where the CPU has fp16 arithmetic)"),),
     takes_trained=True, fixed_shape=True, kernel="xnnpack", kernel_multiple=4, color="#c44e52",
@@ -460,7 +465,7 @@ register_format(ExportFormat(
     precisions=("fp32", "int8"), default_precisions=("fp32", "int8"),
     description="AOTInductor package compiled for this x86 CPU (oneDNN kernels; needs a C++ compiler): int8 is PT2E "
     "x86 static (calibrated)",
-    calibrated=("int8",), float_layers={"int8": "int8_pt2e:x86"},
+    calibrated=("int8",), float_layers={"int8": "int8_pt2e:x86"}, weight_grids={"int8": "int8_pt2e:x86"},
     default=False, fixed_shape=True, kernel="onednn", kernel_multiple=4, color="#8172b3",
 ))  # fmt: skip
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from pqv_lightning.export.formats import get_format
 from pqv_lightning.export.manifest import ArtifactRecord
@@ -40,6 +40,8 @@ class ExportJob:
         float_layers: ``{"<format>-<precision>": layer names}`` kept in float by the quantized files.
         quantized: the post-training quantized variants (TorchScript takes the eager torch.ao / fp16 ones).
         trained: the quantization-aware-trained variants (formats with ``takes_trained`` write them).
+        weights: ``{"<format>-<precision>": float model}``: the model a quantized file is built from where it is not
+            the exported model (weights rounded for the file's grid, see ``ExportFormat.weight_grids``).
         shared: scratch space for formats implemented by one module (TorchScript scripts a variant once for
             ``.pt`` and ``.ptl``).
     """
@@ -50,11 +52,16 @@ class ExportJob:
     float_layers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     quantized: list[QuantizedModel] = field(default_factory=list)
     trained: list[QuantizedModel] = field(default_factory=list)
+    weights: dict[str, nn.Module] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
 
     def keep(self, fmt: str, precision: str) -> tuple[str, ...]:
         """The layers the ``fmt`` file at ``precision`` keeps in float."""
         return tuple(self.float_layers.get(f"{fmt}-{precision}", ()))
+
+    def model_for(self, fmt: str, precision: str, model: nn.Module) -> nn.Module:
+        """The float model the ``fmt`` file at ``precision`` is quantized from (``model`` unless rounded for it)."""
+        return self.weights.get(f"{fmt}-{precision}", model)
 
 
 class ArtifactWriter:

@@ -25,7 +25,7 @@ from pqv_lightning.export.formats import (
     resolve_options,
 )
 from pqv_lightning.pipeline.data import CALIBRATION_SPLITS, check_stage_dir
-from pqv_lightning.quantization import MixedPrecision, QuantizationResult, resolve_float_layers
+from pqv_lightning.quantization import MixedPrecision, QuantizationResult, resolve_float_layers, round_weights
 from pqv_lightning.utils.checks import check_choice, check_int, invalid
 from pqv_lightning.utils.errors import error_summary
 from pqv_lightning.utils.modules import cpu_float_copy
@@ -173,9 +173,12 @@ def export_stage(
     calibration: Sequence[torch.Tensor] | None = None,
     meta: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    rounding: tuple[str, bool] = ("nearest", False),
 ) -> ExportOutcome:
     """Export a CPU copy of ``model`` (and the ``quantized`` variants the formats take), verify every file, and
-    write the manifest; one ``progress`` step per file.
+    write the manifest; one ``progress`` step per file. ``rounding`` (``(rounding, bias_correction)``, as
+    :class:`~pqv_lightning.pipeline.QuantizationConfig` has them) rounds the weights of the quantized files whose
+    format names their weight grid (``ExportFormat.weight_grids``) on ``calibration`` first.
 
     Never raises for a failure of the export itself: per-artifact failures are in the records, and a failure
     of the whole call is the outcome's ``error`` (also written to the manifest's ``meta.error``).
@@ -201,6 +204,14 @@ def export_stage(
         float_layers={key: list(layers) for key, layers in float_layers.items() if layers},
     )
     outcome = ExportOutcome(manifest=manifest)
+    weights: dict[str, nn.Module] = {}
+    if rounding != ("nearest", False) and calibration:
+        try:
+            weights, meta["rounding"] = rounded_sources(
+                float_model, config.artifacts, calibration, float_layers, *rounding
+            )
+        except Exception as err:  # the files are still written, from the model as it is
+            meta["rounding"] = {"error": error_summary(err)}
     unwritten: list[str] = []
     progress = progress or Progress.silent()
     shown: list[ArtifactRecord] = []
@@ -233,6 +244,7 @@ def export_stage(
                 float_layers=float_layers,
                 options=config.options,
                 prefix=config.prefix,
+                weights=weights,
             )
         except Exception as err:  # the fit is over: report the failure, never lose the trained model to it
             outcome.error = error_summary(err)
@@ -245,6 +257,33 @@ def export_stage(
     if unwritten:
         outcome.error = (outcome.error + "; " if outcome.error else "") + f"manifest not written: {unwritten[-1]}"
     return outcome
+
+
+def rounded_sources(
+    model: nn.Module,
+    artifacts: Mapping[str, Sequence[str]],
+    calibration: Sequence[torch.Tensor],
+    float_layers: Mapping[str, Sequence[str]],
+    rounding: str,
+    bias_correction: bool,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """For each asked-for quantized file whose format names its weight grid, ``model`` with weights rounded for that
+    grid (one rounding per grid and float layers, shared by the files that agree); and a summary per file."""
+    sources: dict[str, nn.Module] = {}
+    summaries: dict[str, str] = {}
+    done: dict[tuple[str, tuple[str, ...]], tuple[nn.Module, str]] = {}
+    for fmt, precisions in artifacts.items():
+        for precision in precisions:
+            target = get_format(fmt).weight_grids.get(precision)
+            if target is None:
+                continue
+            key = f"{fmt}-{precision}"
+            skip = tuple(float_layers.get(key, ()))
+            if (target, skip) not in done:
+                result = round_weights(model, target, calibration, rounding, bias_correction, None, skip)
+                done[(target, skip)] = (result.model, result.summary())
+            sources[key], summaries[key] = done[(target, skip)]
+    return sources, summaries
 
 
 def _expected_files(config: ExportConfig, variants: Sequence[Any]) -> int:

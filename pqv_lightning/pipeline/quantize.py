@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -11,17 +12,20 @@ from torch import nn
 from pqv_lightning.pipeline.data import CALIBRATION_SPLITS, StageData
 from pqv_lightning.quantization import (
     GRANULARITIES,
+    ROUNDINGS,
     LogitReference,
     MixedPrecision,
     QuantizationResult,
     QuantizationTarget,
     QuantizedModel,
     SensitivityAnalysis,
+    SmoothingResult,
     analyze_sensitivity,
     parse_targets,
     quantize_and_evaluate,
+    smooth_outliers,
 )
-from pqv_lightning.utils.checks import check_choice, check_int, invalid
+from pqv_lightning.utils.checks import check_bool, check_choice, check_int, invalid
 from pqv_lightning.utils.errors import error_summary
 from pqv_lightning.utils.progress import Progress
 
@@ -46,8 +50,19 @@ class QuantizationConfig:
         max_drop: a float budget: the fewest units in float, most sensitive first, that keep the top-1 drop against
             the float model at or below this many points on the evaluation data.
         sensitivity: targets whose per-layer sensitivity is measured and reported (the budgeted targets' always
-            are).
+            are); with smoothing, also on the model before smoothing, to compare the rankings.
         granularity: ``"layer"`` or ``"block"``: the unit of the sensitivity analysis and of the budget.
+        smoothing: move activation outliers into the weights first (:func:`~pqv_lightning.quantization.smooth_outliers`,
+            exact in float, strength chosen per layer on the calibration batches); every variant and every file of
+            the export stage is then built from the smoothed model, and the manifest lists the smoothed layers.
+        rounding: ``"nearest"`` (what each runtime does) or ``"gptq"``: the linear weights of every target with
+            integer weights rounded by GPTQ on the calibration batches, on the grid its runtime derives
+            (:func:`~pqv_lightning.quantization.round_weights`).
+        bias_correction: correct each linear layer's bias for the mean output shift its weight rounding causes.
+        integer_first: with ``max_drop``, the cheapest recipe that keeps every layer integer comes first: plain,
+            then smoothing, then smoothing + GPTQ + bias correction, each tried on every target and taken when every
+            target's top-1 drop on the evaluation data is within ``max_drop``; float layers are chosen (on the last
+            recipe) only when none is. The recipe taken holds for the files too; the manifest and the log say which.
 
     Raises:
         InvalidArgumentError: a target this installation cannot build, a calibrated target without calibration
@@ -67,12 +82,32 @@ class QuantizationConfig:
     max_drop: float | None = None
     sensitivity: tuple[QuantizationTarget, ...] = ()
     granularity: str = "layer"
+    smoothing: bool = False
+    rounding: str = "nearest"
+    bias_correction: bool = False
+    integer_first: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(parse_targets(self.targets, self.calibration_batches)))
         check_choice("calibration_split", self.calibration_split, CALIBRATION_SPLITS)
         check_int("eval_batches", self.eval_batches, 1, allow_none=True)
         check_choice("granularity", self.granularity, GRANULARITIES)
+        check_bool("smoothing", self.smoothing)
+        check_choice("rounding", self.rounding, ROUNDINGS)
+        check_bool("bias_correction", self.bias_correction)
+        check_bool("integer_first", self.integer_first)
+        chosen = self.smoothing or self.rounds or self.float_layers or self.max_float_layers is not None
+        if self.integer_first and (self.max_drop is None or chosen):
+            raise invalid(
+                "integer_first",
+                self.integer_first,
+                "True only with a max_drop budget and without smoothing, rounding, bias_correction, float_layers or "
+                "max_float_layers (it chooses them)",
+            )
+        if self.calibrates_weights and not self.calibration_batches:
+            raise invalid(
+                "calibration_batches", self.calibration_batches, "at least 1 with smoothing, GPTQ or bias correction"
+            )
         mixed = MixedPrecision(tuple(self.float_layers), self.max_float_layers, self.max_drop, self.granularity)
         object.__setattr__(self, "float_layers", mixed.float_layers)
         if mixed.active and not any(t.spec.float_layers for t in self.targets):
@@ -88,9 +123,20 @@ class QuantizationConfig:
         object.__setattr__(self, "sensitivity", tuple(sensitivity))
 
     @property
+    def rounds(self) -> bool:
+        """Whether weights are rounded other than by the runtime (GPTQ, bias correction)."""
+        return self.rounding != "nearest" or self.bias_correction
+
+    @property
+    def calibrates_weights(self) -> bool:
+        """Whether smoothing or weight rounding reads calibration batches."""
+        return self.smoothing or self.rounds or self.integer_first
+
+    @property
     def calibrates(self) -> bool:
         """Whether some target calibrates on data (and ``calibration_batches`` gives it some)."""
-        return bool(self.calibration_batches) and any(t.calibrated for t in (*self.targets, *self.sensitivity))
+        calibrated = self.calibrates_weights or any(t.calibrated for t in (*self.targets, *self.sensitivity))
+        return bool(self.calibration_batches) and calibrated
 
     @property
     def mixed_precision(self) -> MixedPrecision:
@@ -107,12 +153,17 @@ class QuantizationConfig:
 
 @dataclass
 class QuantizationOutcome:
-    """What the quantization stage produced: the float model's metrics, the variants and the analyses."""
+    """What the quantization stage produced: the float model's metrics, the variants and the analyses; with
+    smoothing, the smoothed model the later stages build from and what was done."""
 
     float_metrics: dict[str, float]
     results: list[QuantizationResult]
     sensitivity: list[SensitivityAnalysis]
     warnings: list[str]
+    model: nn.Module | None = None
+    smoothing: SmoothingResult | None = None
+    rounding: tuple[str, bool] = ("nearest", False)
+    recipe: str | None = None
 
 
 def quantization_stage(
@@ -139,8 +190,39 @@ def quantization_stage(
         note = f"failed: {result.error}" if result.error else f"top-1 {100 * result.top1:.2f}%"
         progress.step(result.name, f"{note} ({result.seconds:.1f} s)")
 
-    with progress.stage("quantization", len(targets) + len(trained) + len(asked)):
-        float_metrics, results = quantize_and_evaluate(model, targets, val, calibration, mixed, trained, shown)
+    smoothing = config is not None and (config.smoothing or config.integer_first)
+    ladder = config is not None and config.integer_first
+    steps = len(targets) + len(trained) + len(asked) + smoothing + (len(RECIPES) if ladder else 0)
+    with progress.stage("quantization", steps):
+        smoothed = None
+        original = model
+        if smoothing:
+            try:
+                smoothed = smooth_outliers(model, calibration, config.calibration_batches)
+            except Exception as err:  # the variants are still built, from the model as it is
+                warnings.append(f"smoothing failed, the variants are built without it: {error_summary(err)}")
+                progress.step("smoothing", "failed")
+            else:
+                progress.step("smoothing", smoothed.summary())
+                model = smoothed.model
+        rounding = (config.rounding, config.bias_correction) if config is not None else ("nearest", False)
+        recipe = None
+        if ladder:
+            recipe, rounding, smoothed, found = _integer_first(
+                original, smoothed, targets, val, calibration, config, progress
+            )
+            model = smoothed.model if smoothed is not None else original
+            if found is not None:  # every layer integer within the budget: no float layers to plan
+                float_metrics, results = found
+                for result in results:
+                    shown(result)
+                targets, mixed = (), None
+        if not ladder or targets:
+            float_metrics, results = quantize_and_evaluate(
+                model, targets, val, calibration, mixed, (), shown, rounding=rounding[0], bias_correction=rounding[1]
+            )
+        if trained:
+            results += quantize_and_evaluate(model, (), val, None, None, trained, shown)[1]
         analyses = [r.plan.sensitivity for r in results if r.plan and r.plan.sensitivity]
         done = {(str(a.target), a.granularity) for a in analyses}
         wanted = [t for t in asked if (str(t), config.granularity) not in done]
@@ -152,7 +234,51 @@ def quantization_stage(
             except Exception as err:  # a view of the variants: never lose them to it
                 warnings.append(f"sensitivity of {target} failed: {error_summary(err)}")
                 progress.step(f"sensitivity of {target}", "failed")
-    return QuantizationOutcome(float_metrics, results, analyses, warnings)
+        if smoothed is not None and model is smoothed.model:  # the ranking before smoothing, to compare
+            before = LogitReference.of(original, val) if asked else None
+            for target in asked:
+                try:
+                    analysis = analyze_sensitivity(original, target, before, calibration, config.granularity)
+                    analyses.append(replace(analysis, model="before smoothing"))
+                except Exception as err:
+                    warnings.append(f"sensitivity of {target} before smoothing failed: {error_summary(err)}")
+    return QuantizationOutcome(float_metrics, results, analyses, warnings, model, smoothed, rounding, recipe)
+
+
+#: The every-layer-integer recipes ``integer_first`` tries, cheapest first:
+#: (name, smoothing, rounding, bias correction).
+RECIPES: tuple[tuple[str, bool, str, bool], ...] = (
+    ("plain", False, "nearest", False),
+    ("smoothing", True, "nearest", False),
+    ("smoothing + GPTQ + bias correction", True, "gptq", True),
+)
+
+
+def _integer_first(
+    model: nn.Module,
+    smoothed: SmoothingResult | None,
+    targets: Sequence[QuantizationTarget],
+    val: Sequence,
+    calibration: Sequence | None,
+    config: QuantizationConfig,
+    progress: Progress,
+) -> tuple[str, tuple[str, bool], SmoothingResult | None, tuple | None]:
+    """The first of :data:`RECIPES` under which every target stays within ``config.max_drop`` with every layer
+    integer: its name, its rounding, the smoothing it uses and its ``(float metrics, results)``; the last recipe with
+    ``"+ float layers"`` and no results if none does."""
+    for name, smooth, rounding, correct in RECIPES:
+        if smooth and smoothed is None:  # smoothing failed: the recipes that need it cannot be tried
+            continue
+        source = smoothed.model if smooth else model
+        float_metrics, results = quantize_and_evaluate(
+            source, targets, val, calibration, rounding=rounding, bias_correction=correct
+        )
+        drops = [100 * (float_metrics["top1"] - r.top1) if r.error is None else math.inf for r in results]
+        worst = max(drops, default=0.0)
+        progress.step(f"recipe {name}", f"largest top-1 drop {worst:.2f} points (budget {config.max_drop:g})")
+        if worst <= config.max_drop:
+            return name, (rounding, correct), smoothed if smooth else None, (float_metrics, results)
+    return f"{name} + float layers", (rounding, correct), smoothed if smooth else None, None
 
 
 def quantization_meta(float_metrics: dict[str, float], results: Sequence[QuantizationResult]) -> dict[str, Any]:

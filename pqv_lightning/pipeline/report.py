@@ -16,7 +16,7 @@ from pqv_lightning.export.formats import format_names, get_format
 from pqv_lightning.measure import operator_profile
 from pqv_lightning.pipeline.data import StageData, check_stage_dir
 from pqv_lightning.quantization import QuantizationResult, SensitivityAnalysis, evaluate, top1_agreement
-from pqv_lightning.report import EagerVariant, TradeoffPoint, measure_tradeoffs, write_report
+from pqv_lightning.report import CONTEXT_KEYS, EagerVariant, TradeoffPoint, measure_tradeoffs, write_report
 from pqv_lightning.utils.checks import check_bool, check_int, invalid
 from pqv_lightning.utils.errors import error_summary
 from pqv_lightning.utils.modules import cpu_float_copy
@@ -201,8 +201,7 @@ def _measure_and_write(
         "val_images": sum(int(labels.shape[0]) for _, labels in val),
         "global_step": context.get("global_step"),
     }
-    keys = ("pruning", "tokens", "distillation", "quantization_aware_training", "weights", "note")
-    report_meta.update({k: context[k] for k in keys if context.get(k)})
+    report_meta.update({k: context[k] for k in CONTEXT_KEYS if context.get(k)})
     half = [r.name for r in produced.records if r.extra.get("attention") == "fp16"]
     if half:
         report_meta["attention"] = (

@@ -13,7 +13,7 @@ from pqv_lightning.pipeline.data import StageData
 from pqv_lightning.pipeline.export import ExportConfig, ExportOutcome, export_stage
 from pqv_lightning.pipeline.quantize import QuantizationConfig, quantization_meta, quantization_stage
 from pqv_lightning.pipeline.report import Produced, ReportConfig, report_stage
-from pqv_lightning.quantization import QuantizationResult, QuantizedModel, SensitivityAnalysis
+from pqv_lightning.quantization import QuantizationResult, QuantizedModel, SensitivityAnalysis, SmoothingResult
 from pqv_lightning.report import TradeoffPoint
 from pqv_lightning.utils.checks import invalid
 from pqv_lightning.utils.errors import error_summary
@@ -30,6 +30,11 @@ class PipelineResult:
     quantization: list[QuantizationResult] = field(default_factory=list)
     quantization_error: str | None = None
     sensitivity: list[SensitivityAnalysis] = field(default_factory=list)
+    smoothing: SmoothingResult | None = None
+    #: the weight rounding and bias correction the variants and the files were built with
+    rounding: tuple[str, bool] = ("nearest", False)
+    #: the every-layer-integer recipe ``QuantizationConfig(integer_first=True)`` took
+    recipe: str | None = None
     export: ExportOutcome = field(default_factory=ExportOutcome)
     points: list[TradeoffPoint] = field(default_factory=list)
     report_files: dict[str, Path] = field(default_factory=dict)
@@ -107,22 +112,34 @@ def run_pipeline(
             result.float_metrics, result.quantization = outcome.float_metrics, outcome.results
             result.sensitivity = outcome.sensitivity
             result.warnings += outcome.warnings
+            result.rounding, result.recipe = outcome.rounding, outcome.recipe
+            if outcome.smoothing is not None:  # the same function: later stages build their files from it
+                model, result.smoothing = outcome.model, outcome.smoothing
+                context["smoothing"] = outcome.smoothing.summary()
+            if outcome.recipe is not None:
+                context["quantization_recipe"] = outcome.recipe
     if export is not None:
         export_meta = dict(manifest_meta or {})
         if quantization is not None:
             export_meta["quantization"] = quantization_meta(result.float_metrics, result.quantization)
+        if result.smoothing is not None:
+            export_meta["smoothing"] = result.smoothing.as_dict()
+        if result.recipe is not None:
+            export_meta["quantization_recipe"] = result.recipe
         try:
             val = data.batches("val", export.val_batches, "validation")
             calibration = None
-            if export.calibration_batches and export.needs_calibration:
+            rounds = result.rounding != ("nearest", False)
+            if export.calibration_batches and (export.needs_calibration or rounds):
                 images = data.batches(export.calibration_split, export.calibration_batches, "calibration")
                 calibration = [x for x, _ in images]
         except Exception as err:
             result.export = ExportOutcome(error=f"nothing exported, the data could not be read: {error_summary(err)}")
         else:
             result.export = export_stage(
-                model, export.output_dir, export, val, result.quantization, calibration, export_meta, progress
-            )
+                model, export.output_dir, export, val, result.quantization, calibration, export_meta, progress,
+                result.rounding,
+            )  # fmt: skip
     if report is not None:
         produced = Produced(result.float_metrics, result.quantization, result.sensitivity, result.export.records)
         try:

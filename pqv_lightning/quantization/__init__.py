@@ -2,7 +2,8 @@
 
 ``targets`` says what can be built, ``ptq`` builds it, ``evaluation`` measures it against the float model;
 ``layers`` names what a method quantizes (and what stays float), ``sensitivity`` measures each layer's share of
-the error, ``mixed_precision`` chooses float layers by budget, ``qat`` trains through fake quantization.
+the error, ``mixed_precision`` chooses float layers by budget, ``qat`` trains through fake quantization;
+``smoothing`` moves activation outliers into the weights (exact in float), ``rounding`` rounds weights by GPTQ.
 """
 
 from pqv_lightning.quantization.evaluation import (
@@ -39,6 +40,7 @@ from pqv_lightning.quantization.qat import (
     quantization_state,
     set_observers,
 )
+from pqv_lightning.quantization.rounding import GRIDS, ROUNDINGS, RoundingResult, WeightGrid, grid_for, round_weights
 from pqv_lightning.quantization.sensitivity import (
     LogitReference,
     SensitivityAnalysis,
@@ -46,6 +48,7 @@ from pqv_lightning.quantization.sensitivity import (
     analyze_sensitivity,
     logit_metrics,
 )
+from pqv_lightning.quantization.smoothing import SmoothingResult, find_couplings, smooth_outliers
 from pqv_lightning.quantization.targets import (
     CALIBRATED_METHODS,
     LEGACY_ENGINES,
@@ -60,10 +63,12 @@ from pqv_lightning.quantization.targets import (
 __all__ = [
     "CALIBRATED_METHODS",
     "GRANULARITIES",
+    "GRIDS",
     "LEGACY_ENGINES",
     "METHODS",
     "PT2E_BACKENDS",
     "QAT_TARGETS",
+    "ROUNDINGS",
     "BudgetNotMetError",
     "EngineScoped",
     "HalfPrecision",
@@ -73,15 +78,20 @@ __all__ = [
     "QuantizationResult",
     "QuantizationTarget",
     "QuantizedModel",
+    "RoundingResult",
     "SensitivityAnalysis",
+    "SmoothingResult",
     "UnitSensitivity",
+    "WeightGrid",
     "analyze_sensitivity",
     "block_of",
     "check_qat_target",
     "convert_qat",
     "evaluate",
     "export_for_pt2e",
+    "find_couplings",
     "float_weights",
+    "grid_for",
     "installed_legacy_engines",
     "int4_granularities",
     "logit_metrics",
@@ -97,7 +107,9 @@ __all__ = [
     "quantized_engine",
     "resolve_float_layers",
     "results_table",
+    "round_weights",
     "set_observers",
+    "smooth_outliers",
     "supported_targets",
     "top1_agreement",
     "units",

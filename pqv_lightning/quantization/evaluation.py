@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from pqv_lightning.quantization.mixed_precision import MixedPrecision, MixedPrecisionPlan, plan_float_layers
 from pqv_lightning.quantization.ptq import QuantizedModel, quantize
+from pqv_lightning.quantization.rounding import GRIDS
 from pqv_lightning.quantization.sensitivity import LogitReference
 from pqv_lightning.quantization.targets import QuantizationTarget
 from pqv_lightning.utils.batches import images_of
@@ -109,6 +110,8 @@ def quantize_and_evaluate(
     mixed_precision: MixedPrecision | None = None,
     trained: Sequence[QuantizedModel] = (),
     on_result: Callable[[QuantizationResult], None] | None = None,
+    rounding: str = "nearest",
+    bias_correction: bool = False,
 ) -> tuple[dict[str, float], list[QuantizationResult]]:
     """Quantize a CPU copy of ``model`` for each target; evaluate the float model and every variant.
 
@@ -117,7 +120,8 @@ def quantize_and_evaluate(
     from quantization-aware training) are evaluated after the targets, beside the same float model.
     Returns the float model's ``{"top1", "top5"}`` (fractions) and one result per target, then per trained
     variant, in order. A target that fails is recorded with its error and the others go on. ``model`` is never
-    modified. ``on_result(result)`` is called as each result is final (e.g. to show progress).
+    modified. ``on_result(result)`` is called as each result is final (e.g. to show progress). ``rounding`` and
+    ``bias_correction`` (see :func:`~pqv_lightning.quantization.quantize`) apply to the targets with integer weights.
     """
     float_model = cpu_float_copy(model)
     float_metrics = _fractions(evaluate(float_model, val_batches))
@@ -133,7 +137,16 @@ def quantize_and_evaluate(
             if mixed is not None and target.spec.float_layers:
                 plan = plan_float_layers(float_model, target, mixed, reference or val_batches, calibration)
                 keep = plan.float_layers
-            quantized = quantize(float_model, target, example, calibration, float_layers=keep)
+            rounds = f"{target.method}:{target.backend}" in GRIDS
+            quantized = quantize(
+                float_model,
+                target,
+                example,
+                calibration,
+                float_layers=keep,
+                rounding=rounding if rounds else "nearest",
+                bias_correction=bias_correction and rounds,
+            )
             result = _evaluated(QuantizationResult(target, quantized, plan=plan), float_model, val_batches)
         except Exception as err:  # one bad variant must not lose the others at the end of a long fit
             result = QuantizationResult(target, None, error=error_summary(err), plan=plan)

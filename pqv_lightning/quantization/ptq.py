@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from pqv_lightning.quantization.layers import quantizable_layers, resolve_float_layers
+from pqv_lightning.quantization.rounding import ROUNDINGS, round_weights
 from pqv_lightning.quantization.targets import PT2E_BACKENDS, QuantizationTarget
 from pqv_lightning.utils.batches import images_of
-from pqv_lightning.utils.checks import check_choice, check_int, invalid
+from pqv_lightning.utils.checks import check_bool, check_choice, check_int, invalid
 from pqv_lightning.utils.deprecations import silenced
 from pqv_lightning.utils.modules import cpu_float_copy
 
@@ -187,6 +188,8 @@ def quantize(
     calibration_batches: int | None = None,
     int4_group_size: int = 32,
     float_layers: Sequence[str] = (),
+    rounding: str = "nearest",
+    bias_correction: bool = False,
 ) -> QuantizedModel:
     """Return a quantized CPU copy of ``model`` for ``target``.
 
@@ -195,11 +198,15 @@ def quantize(
     ``int4_group_size`` input channels, per output channel for layers whose width it does not divide.
     ``float_layers`` (names or globs of layers or blocks, see :func:`resolve_float_layers`) stay in float.
     The method is the target's registered :class:`~pqv_lightning.quantization.methods.QuantizationMethod`.
+    ``rounding="gptq"`` and ``bias_correction`` round the linear weights on ``calibration`` first, on the grid the
+    target's runtime derives (:func:`~pqv_lightning.quantization.round_weights`); ``info["rounding"]`` says how.
 
     Raises:
         InvalidArgumentError: an unknown target or backend, float layers that match nothing (or every layer, or any
-            layer for a method that casts the whole model), a bad example input.
-        ValueError: a calibrated method without calibration batches, or a model without a layer to quantize.
+            layer for a method that casts the whole model), a bad example input, rounding for a target without
+            integer weights.
+        ValueError: a calibrated method (or rounding) without calibration batches, or a model without a layer to
+            quantize.
 
     Example::
 
@@ -213,10 +220,19 @@ def quantize(
     _check_model(model, needs_linear=bool(method.layers))
     _check_example(example_input)
     keep = _float_layers_for(model, target, float_layers)
-    if method.calibrated:
-        _check_calibration(calibration, calibration_batches, target.method)
+    check_choice("rounding", rounding, ROUNDINGS)
+    check_bool("bias_correction", bias_correction)
+    rounds = rounding != "nearest" or bias_correction
+    if method.calibrated or rounds:
+        _check_calibration(calibration, calibration_batches, target.method if not rounds else f"{rounding} rounding")
     check_int("int4_group_size", int4_group_size, 1)
     example_input = example_input.detach().cpu().float()
+    rounded = None
+    if rounds:
+        rounded = round_weights(
+            model, target, calibration, rounding, bias_correction, calibration_batches, keep, int4_group_size
+        )
+        model = rounded.model
     module, info = method.builder()(
         _float_copy(model),
         target,
@@ -226,6 +242,8 @@ def quantize(
         keep,
         {"int4_group_size": int4_group_size},
     )
+    if rounded is not None:
+        info["rounding"] = rounded.summary()
     return QuantizedModel(target, module, {"float_layers": list(keep), **info})
 
 

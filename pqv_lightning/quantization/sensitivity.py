@@ -120,6 +120,14 @@ class SensitivityAnalysis:
     images: int
     seconds: float
     modes: tuple[str, ...] = MODES
+    #: which model was analysed when that is not the one quantized (``"before smoothing"``), else empty
+    model: str = ""
+
+    @property
+    def key(self) -> str:
+        """A name for files and tags: target, granularity and, if set, the model analysed."""
+        suffix = f"_{self.model.replace(' ', '_')}" if self.model else ""
+        return f"{self.target.name}_{self.granularity}{suffix}"
 
     def ranking(self) -> list[str]:
         """Unit names, most sensitive first (the order a float budget takes them in)."""
@@ -132,6 +140,7 @@ class SensitivityAnalysis:
         return {
             "target": str(self.target),
             "granularity": self.granularity,
+            "model": self.model,
             "modes": list(self.modes),
             "images": self.images,
             "seconds": round(self.seconds, 2),

@@ -7,7 +7,7 @@ Pareto front, :mod:`~.markdown` and :mod:`~.plots` show them, :mod:`~.writer` wr
 
 # ruff: noqa: F401  (the names below are re-exported: __all__ is assembled from the submodules' own lists)
 from pqv_lightning.report import markdown, plots, sensitivity, tradeoff, writer
-from pqv_lightning.report.markdown import cpu_description, format_number, markdown_report
+from pqv_lightning.report.markdown import CONTEXT_KEYS, cpu_description, format_number, markdown_report
 from pqv_lightning.report.plots import (
     PLOTS,
     new_figure,

@@ -9,9 +9,22 @@ from typing import Any
 from pqv_lightning.measure import OpTime, cpu_info
 from pqv_lightning.report.tradeoff import TradeoffPoint
 
-__all__ = ["cpu_description", "format_number", "markdown_report"]
+__all__ = ["CONTEXT_KEYS", "cpu_description", "format_number", "markdown_report"]
 
 _MIB = 2**20
+
+
+#: The notes about a run the report lists (from the fit: ``report_context``), in this order.
+CONTEXT_KEYS = (
+    "pruning",
+    "tokens",
+    "distillation",
+    "quantization_aware_training",
+    "weights",
+    "smoothing",
+    "quantization_recipe",
+    "note",
+)
 
 
 def cpu_description() -> str:
@@ -48,7 +61,7 @@ def markdown_report(
         "- **Bold** rows are on the Pareto front of latency vs top-1: nothing else is both faster and at least "
         "as accurate.",
     ]
-    for key in ("pruning", "tokens", "distillation", "quantization_aware_training", "weights", "attention", "note"):
+    for key in (*CONTEXT_KEYS, "attention"):
         if meta.get(key):
             lines.append(f"- {key.replace('_', ' ').capitalize()}: {meta[key]}")
     batch = next((p.batch for p in points if p.batch), None)

@@ -28,7 +28,8 @@ def sensitivity_table(analysis: SensitivityAnalysis) -> str:
     """A Markdown table of one analysis: one row per unit, most sensitive first (console, TensorBoard, report)."""
     quantized = analysis.quantized
     rows = [
-        f"Sensitivity to {analysis.target} per {analysis.granularity} ({analysis.images} images): float top-1 "
+        f"Sensitivity to {analysis.target}{f' ({analysis.model})' if analysis.model else ''} per "
+        f"{analysis.granularity} ({analysis.images} images): float top-1 "
         f"{100 * analysis.float_top1:.2f}%, all quantized {100 * quantized['top1']:.2f}% (KL {quantized['kl']:.4g}, "
         f"SQNR {quantized['sqnr_db']:.1f} dB). *Alone in float*: everything else quantized; *quantized alone*: "
         "everything else in float. Ranked by the KL that keeping the unit in float removes.",

@@ -63,7 +63,7 @@ def write_report(
     if profile:
         figures["operator_profile"] = lambda: plot_operator_profile(profile, profile_of or "")
     for analysis in sensitivity:
-        key = f"sensitivity_{analysis.target.name}_{analysis.granularity}"
+        key = f"sensitivity_{analysis.key}"
         figures[key] = lambda a=analysis: plot_sensitivity(a, subtitle)
     written: dict[str, Path] = {}
     errors: dict[str, str] = {}

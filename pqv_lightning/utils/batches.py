@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collect_batches", "first_loader", "images_of", "split_batch"]
+__all__ = ["collect_batches", "collect_images", "first_loader", "images_of", "split_batch"]
 
 _DICT_KEYS = (("image", "label"), ("pixel_values", "labels"), ("images", "labels"))
 
@@ -54,3 +54,12 @@ def collect_batches(loader: Iterable, count: int | None, what: str) -> list[tupl
     if not batches:
         raise RuntimeError(f"The {what} data loader yielded no batch.")
     return batches
+
+
+def collect_images(batches: Iterable[Any], count: int | None, why: str) -> list[torch.Tensor]:
+    """The images of the first ``count`` (all if None) batches (image tensors or ``(images, labels)`` batches), as
+    float32 CPU tensors; a ``ValueError`` saying ``why`` they are needed when there is none."""
+    images = [images_of(batch).detach().cpu().float() for batch in itertools.islice(iter(batches), count)]
+    if not images:
+        raise ValueError(f"{why}: zero calibration batches given.")
+    return images

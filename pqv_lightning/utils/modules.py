@@ -1,14 +1,15 @@
-"""Copies of a model for the work that runs beside training: measuring, quantizing, exporting."""
+"""Copies of a model for the work that runs beside training (measuring, quantizing, exporting), and hooked runs."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["cpu_float_copy"]
+__all__ = ["cpu_float_copy", "run_with_input_hooks"]
 
 
 def cpu_float_copy(module: nn.Module) -> nn.Module:
@@ -26,3 +27,18 @@ def cpu_float_copy(module: nn.Module) -> nn.Module:
         data = tensor.detach().to(device="cpu", dtype=dtype, copy=True)
         memo[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
     return copy.deepcopy(module, memo).eval()
+
+
+def run_with_input_hooks(
+    model: nn.Module, hooks: Iterable[tuple[nn.Module, Callable[[nn.Module, tuple], None]]], batches: Iterable[Tensor]
+) -> None:
+    """Run ``batches`` through ``model`` without gradients with each ``(module, hook)`` registered as a forward
+    pre-hook (it sees the module's inputs), and remove the hooks afterwards, also on an error."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            for images in batches:
+                model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
