@@ -45,9 +45,8 @@ def main() -> None:
     start = time.perf_counter()
     smoothed = smooth_outliers(model, calibration)
     print(f"smoothing: {smoothed.summary()} ({time.perf_counter() - start:.1f} s)", flush=True)
-    start = time.perf_counter()
     rounded = round_weights(smoothed.model, "int8_pt2e:xnnpack", calibration)
-    print(f"rounding: {rounded.summary()} ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(f"rounding: {rounded.summary()}", flush=True)
     example = check[0][0][:1]
     jobs = {
         "plain": (model, {}),
