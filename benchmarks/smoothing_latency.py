@@ -5,7 +5,8 @@ static, XNNPACK) and the INT8 ONNX file (onnxruntime dynamic) of the model as it
 (:func:`~pqv_lightning.quantization.smooth_outliers`) and, for the ``.pte``, of the smoothed copy with GPTQ + bias
 correction on the XNNPACK grid (the export stage's ``weights``). Prints per file: nodes inside the XNNPACK delegate,
 operators left outside, the file's agreement with the eager float model on the calibration-free check images, and
-the median latency of all files timed round-robin in one process (``--runs`` calls each after 5 warm-up calls).
+the median latency of the verified ``.pte`` files timed round-robin in one process (``--runs`` calls each after 5
+warm-up calls).
 
     python benchmarks/smoothing_latency.py --threads 2
 """
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--no-onnx", action="store_true", help="the .pte files only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(header(args.threads), flush=True)
@@ -55,7 +57,7 @@ def main() -> None:
     }
     files = {}
     for name, (source, weights) in jobs.items():
-        artifacts = {"executorch": ["int8"]} if weights else {"executorch": ["int8"], "onnx": ["int8"]}
+        artifacts = {"executorch": ["int8"]} if weights or args.no_onnx else {"executorch": ["int8"], "onnx": ["int8"]}
         records = export_artifacts(source, out / name.replace(" + ", "-"), artifacts, example, check,
                                    calibration=calibration, weights=weights)  # fmt: skip
         for record in records:
@@ -63,7 +65,7 @@ def main() -> None:
             nodes, outside = record.extra.get("delegated_nodes", "-"), record.extra.get("outside_ops", "-")
             print(f"{label}: {record.status}, agreement {record.top1_agreement}, delegated nodes {nodes}, "
                   f"outside {outside}", flush=True)  # fmt: skip
-            if record.status == "ok":
+            if record.status == "ok" and record.format == "executorch":  # timed: the XNNPACK programs
                 files[label] = load_artifact(record.path, record.format, args.threads)
     x = torch.randn(1, *size)
     stats = interleaved_latency({k: a.bind(x) for k, a in files.items()}, warmup=5, runs=args.runs)
