@@ -19,6 +19,7 @@ runtime will and compensates its error like any other. The grids of the register
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,12 @@ class WeightGrid:
     qmax: int
     divisor: float
     group_size: int | None = None
+
+    @property
+    def inner_range(self) -> tuple[int, int]:
+        """The integers any weight but a group's largest may take: within its magnitude, so it cannot move the scale."""
+        inner = math.floor(self.divisor)
+        return max(self.qmin, -inner), min(self.qmax, inner)
 
     @property
     def anchors(self) -> tuple[float, float]:
@@ -184,8 +191,7 @@ def _anchor_values(weight: Tensor, grid: WeightGrid) -> Tensor:
 def _round(weight: Tensor, scale: Tensor, anchor: Tensor, grid: WeightGrid) -> Tensor:
     """The integers the runtime stores: an anchor as the runtime rounds it, every other weight within the anchor's
     magnitude (so that it cannot change the scale)."""
-    inner = math.floor(grid.divisor)
-    plain = torch.clamp(torch.round(weight / scale), max(grid.qmin, -inner), min(grid.qmax, inner))
+    plain = torch.clamp(torch.round(weight / scale), *grid.inner_range)
     return torch.where(anchor, _anchor_values(weight, grid), plain)
 
 
@@ -199,8 +205,7 @@ def _gptq(weight: Tensor, hessian: Tensor, scale: Tensor, anchor: Tensor, grid: 
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     anchor_q = _anchor_values(weight, grid)
-    inner = math.floor(grid.divisor)
-    low, high = max(grid.qmin, -inner), min(grid.qmax, inner)
+    low, high = grid.inner_range
     for start in range(0, w.shape[1], block):
         end = min(start + block, w.shape[1])
         w_block = w[:, start:end].clone()
@@ -251,8 +256,6 @@ def round_weights(
         rounded = round_weights(model, "int4_weight", calibration=[images])
         variant = quantize(rounded.model, "int4_weight", images[:1])
     """
-    import time
-
     start = time.perf_counter()
     check_choice("rounding", rounding, ROUNDINGS)
     check_bool("bias_correction", bias_correction)
