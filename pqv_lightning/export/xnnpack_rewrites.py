@@ -313,6 +313,9 @@ def low_precision_attention_count(model: nn.Module) -> int:
     return sum(isinstance(m, _DelegableAttention) and m.products_dtype != torch.float32 for m in model.modules())
 
 
+_DEQUANTIZE = exir_ops.edge.quantized_decomposed.dequantize_per_tensor.default
+
+
 class StaticReshapePass(ExportPass):
     """Rewrite squeeze/unsqueeze as ``view_copy``, select as ``slice_copy`` + ``view_copy``, float expand as cat;
     split as slices; a mean over any dims as the one ``mean`` XNNPACK delegates.
@@ -377,13 +380,23 @@ class StaticReshapePass(ExportPass):
         for user in users:
             i = user.args[1]
             with graph.inserting_before(user):
+                source = src
+                if src.op == "call_function" and src.target == _DEQUANTIZE:
+                    # a dequantize of its own per slice, as torchao's DuplicateDQPass leaves every dequantize: the
+                    # XNNPACK partitioner folds a dequantize into the one quantized pattern that consumes it, and a
+                    # shared one it folds for all its users (EdgeNeXt's chunk: the slice feeding a quantized
+                    # convolution made the float slices beside it read int8 data, 0.09 agreement)
+                    source = graph.call_function(src.target, src.args, src.kwargs)
+                    source.meta = dict(src.meta)
                 piece = graph.call_function(
-                    exir_ops.edge.aten.slice_copy.Tensor, (src, dim, starts[i], starts[i] + sizes[i], 1)
+                    exir_ops.edge.aten.slice_copy.Tensor, (source, dim, starts[i], starts[i] + sizes[i], 1)
                 )
             piece.meta = dict(user.meta)
             user.replace_all_uses_with(piece)
             graph.erase_node(user)
         graph.erase_node(node)
+        if not src.users:  # every slice has its own dequantize
+            graph.erase_node(src)
         return True
 
     @staticmethod
