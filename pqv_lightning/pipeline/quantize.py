@@ -190,26 +190,20 @@ def quantization_stage(
         note = f"failed: {result.error}" if result.error else f"top-1 {100 * result.top1:.2f}%"
         progress.step(result.name, f"{note} ({result.seconds:.1f} s)")
 
-    smoothing = config is not None and (config.smoothing or config.integer_first)
     ladder = config is not None and config.integer_first
+    smoothing = config is not None and (config.smoothing or ladder)
     steps = len(targets) + len(trained) + len(asked) + smoothing + (len(RECIPES) if ladder else 0)
     with progress.stage("quantization", steps):
         smoothed = None
         original = model
-        if smoothing:
-            try:
-                smoothed = smooth_outliers(model, calibration, config.calibration_batches)
-            except Exception as err:  # the variants are still built, from the model as it is
-                warnings.append(f"smoothing failed, the variants are built without it: {error_summary(err)}")
-                progress.step("smoothing", "failed")
-            else:
-                progress.step("smoothing", smoothed.summary())
-                model = smoothed.model
+        if config is not None and config.smoothing:  # integer_first smooths only if the plain recipe misses
+            smoothed = _smooth(model, calibration, config, warnings, progress)
+            model = smoothed.model if smoothed is not None else model
         rounding = (config.rounding, config.bias_correction) if config is not None else ("nearest", False)
         recipe = None
         if ladder:
             recipe, rounding, smoothed, found = _integer_first(
-                original, smoothed, targets, val, calibration, config, progress
+                original, targets, val, calibration, config, warnings, progress
             )
             model = smoothed.model if smoothed is not None else original
             if found is not None:  # every layer integer within the budget: no float layers to plan
@@ -254,19 +248,38 @@ RECIPES: tuple[tuple[str, bool, str, bool], ...] = (
 )
 
 
+def _smooth(
+    model: nn.Module, calibration: Sequence | None, config: QuantizationConfig, warnings: list[str], progress: Progress
+) -> SmoothingResult | None:
+    """:func:`smooth_outliers` as a step of the stage; ``None`` (and a warning) where it fails: the variants are
+    then built from the model as it is."""
+    try:
+        smoothed = smooth_outliers(model, calibration, config.calibration_batches)
+    except Exception as err:
+        warnings.append(f"smoothing failed, the variants are built without it: {error_summary(err)}")
+        progress.step("smoothing", "failed")
+        return None
+    progress.step("smoothing", smoothed.summary())
+    return smoothed
+
+
 def _integer_first(
     model: nn.Module,
-    smoothed: SmoothingResult | None,
     targets: Sequence[QuantizationTarget],
     val: Sequence,
     calibration: Sequence | None,
     config: QuantizationConfig,
+    warnings: list[str],
     progress: Progress,
 ) -> tuple[str, tuple[str, bool], SmoothingResult | None, tuple | None]:
     """The first of :data:`RECIPES` under which every target stays within ``config.max_drop`` with every layer
     integer: its name, its rounding, the smoothing it uses and its ``(float metrics, results)``; the last recipe with
-    ``"+ float layers"`` and no results if none does."""
+    ``"+ float layers"`` and no results if none does. The model is smoothed once, when the first recipe that needs
+    it is reached."""
+    smoothed, tried = None, False
     for name, smooth, rounding, correct in RECIPES:
+        if smooth and not tried:
+            smoothed, tried = _smooth(model, calibration, config, warnings, progress), True
         if smooth and smoothed is None:  # smoothing failed: the recipes that need it cannot be tried
             continue
         source = smoothed.model if smooth else model
